@@ -1,0 +1,160 @@
+"""The ``streamrec`` command: one entry point for operators, the demo and CI.
+
+Sub-commands stay thin: they parse options, build :class:`~streamrec.settings.Settings`
+and call plain functions that live next to the logic they drive.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from streamrec.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from streaming.broker import LocalKafka
+
+app = typer.Typer(
+    name="streamrec",
+    help="Feature-store-backed streaming recommender: Kafka → Feast → PyTorch/River → FastAPI.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+kafka_app = typer.Typer(help="A local single-node Apache Kafka broker (KRaft).", no_args_is_help=True)
+topics_app = typer.Typer(help="Kafka topics streamrec uses.", no_args_is_help=True)
+dlq_app = typer.Typer(help="Dead-letter topics: what was rejected, and why.", no_args_is_help=True)
+app.add_typer(kafka_app, name="kafka")
+app.add_typer(topics_app, name="topics")
+app.add_typer(dlq_app, name="dlq")
+
+
+def _local_kafka(settings: Settings) -> LocalKafka:
+    # Imported here, like every heavy dependency of a sub-command, to keep `--help` instant.
+    from streaming.broker import LocalKafka
+
+    return LocalKafka(
+        home=settings.kafka_home,
+        port=settings.kafka_local_port,
+        controller_port=settings.kafka_local_controller_port,
+        cache_dir=settings.cache_dir,
+        heap=settings.kafka_local_heap,
+        partitions=settings.topic_partitions,
+    )
+
+
+@kafka_app.command("up")
+def kafka_up() -> None:
+    """Start the local broker (fetching its jars once) and create streamrec's topics."""
+    from streaming.broker import BrokerError
+    from streaming.topics import ensure_topics, stream_topics
+
+    settings = get_settings()
+    broker = _local_kafka(settings)
+    try:
+        broker.start()
+    except BrokerError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    ensure_topics(broker.bootstrap, stream_topics(settings), settings.topic_partitions)
+    typer.echo(f"Kafka is up: bootstrap {broker.bootstrap} (log: {broker.log_file})", err=True)
+    typer.echo(broker.bootstrap)
+
+
+@kafka_app.command("down")
+def kafka_down() -> None:
+    """Stop the local broker cleanly."""
+    stopped = _local_kafka(get_settings()).stop()
+    typer.echo("Kafka stopped" if stopped else "Kafka was not running")
+
+
+@kafka_app.command("status")
+def kafka_status() -> None:
+    """Exit 0 when the configured broker answers a metadata request, 1 otherwise."""
+    from streaming.broker import broker_answers
+
+    settings = get_settings()
+    if broker_answers(settings.kafka_bootstrap):
+        typer.echo(f"Kafka answers at {settings.kafka_bootstrap}")
+        return
+    typer.echo(f"Kafka does not answer at {settings.kafka_bootstrap}", err=True)
+    raise typer.Exit(1)
+
+
+@topics_app.command("create")
+def topics_create() -> None:
+    """Create the event, item and impression topics and their DLQs (idempotent)."""
+    from streaming.topics import ensure_topics, stream_topics
+
+    settings = get_settings()
+    created = ensure_topics(
+        settings.kafka_bootstrap, stream_topics(settings), settings.topic_partitions
+    )
+    typer.echo(f"created: {', '.join(created) or 'none (all existed)'}")
+
+
+@dlq_app.command("show")
+def dlq_show(
+    topic: Annotated[str, typer.Argument(help="Source topic, e.g. 'events' (reads events.dlq).")],
+    limit: Annotated[int, typer.Option(help="Max records to print.")] = 20,
+) -> None:
+    """Print dead-lettered records as JSON lines: reason, source position, original value."""
+    from streaming.dlq import read_dlq
+
+    settings = get_settings()
+    for rec in read_dlq(settings, topic, limit=limit):
+        typer.echo(json.dumps(rec, ensure_ascii=False))
+
+
+@app.command("config")
+def config_table() -> None:
+    """Print every STREAMREC_* setting with its current value and meaning."""
+    settings = get_settings()
+    rows = [("variable", "value", "meaning")]
+    for name, f in Settings.model_fields.items():
+        rows.append((f"STREAMREC_{name.upper()}", str(getattr(settings, name)), f.description or ""))
+    width = [max(len(r[i]) for r in rows) for i in range(2)]
+    for r in rows:
+        typer.echo(f"{r[0]:<{width[0]}}  {r[1]:<{width[1]}}  {r[2]}")
+
+
+@app.command("api")
+def api(
+    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port.")] = None,
+) -> None:
+    """Run the HTTP API (ingestion, recommendations, health)."""
+    import uvicorn
+
+    settings = get_settings()
+    uvicorn.run(
+        "serving.app:create_app",
+        factory=True,
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        log_level="info",
+    )
+
+
+@app.command("demo")
+def demo(
+    events: Annotated[int, typer.Option(help="How many simulated events to stream.")] = 20_000,
+    rate: Annotated[float, typer.Option(help="Target events/s (0 = as fast as possible).")] = 0,
+    keep_kafka: Annotated[bool, typer.Option(help="Leave the broker running afterwards.")] = False,
+) -> None:
+    """Run the local pipeline end to end on embedded defaults and print a summary."""
+    from streamrec.demo import run_demo
+
+    code = run_demo(get_settings(), n_events=events, rate=rate, keep_kafka=keep_kafka)
+    raise typer.Exit(code)
+
+
+def _register_sources() -> None:
+    from streaming.sources_cli import replay_app, simulate_command
+
+    app.command("simulate")(simulate_command)
+    app.add_typer(replay_app, name="replay", help="Replay public datasets as events.")
+
+
+_register_sources()
