@@ -21,6 +21,7 @@ were) and carry the reason and the source position in headers::
     dlq.error          "ts: Value error, must carry a zone offset"
     dlq.error.type     "validation" | "handler"
     dlq.source.topic / dlq.source.partition / dlq.source.offset
+    dlq.group          the consumer group that rejected it
     dlq.failed.at      RFC 3339 time of the failure
 
 Examples
@@ -40,12 +41,12 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
-from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 
@@ -100,6 +101,30 @@ Handler = Callable[[list[Message[T]]], Sequence[Failure]]
 Decoder = Callable[[bytes], T]
 
 
+class _Rebalance(ConsumerRebalanceListener):
+    """Seeks newly assigned partitions to the positions the worker's own output recorded."""
+
+    def __init__(
+        self,
+        consumer: KafkaConsumer,
+        on_assign: Callable[[set[TopicPartition]], Mapping[TopicPartition, int]] | None,
+    ) -> None:
+        self._consumer = consumer
+        self._on_assign = on_assign
+
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        # Batches are handled and committed synchronously between polls: nothing in flight.
+        pass
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        if self._on_assign is None or not assigned:
+            return
+        for tp, position in self._on_assign(set(assigned)).items():
+            log.info("resuming %s:%d at offset %d from the worker's own output",
+                     tp.topic, tp.partition, position)
+            self._consumer.seek(tp, position)
+
+
 class StreamConsumer(Generic[T]):
     """Runs ``decode`` + ``handle`` over a consumer group with at-least-once semantics.
 
@@ -118,6 +143,15 @@ class StreamConsumer(Generic[T]):
         "try again later" (→ retry with backoff, then isolate the poison record).
     max_retries, backoff_s
         How often and how patiently a failing batch is retried before being split.
+    max_batch_wait_s
+        Keep polling until a batch holds ``settings.consumer_batch_size`` records or this
+        long has passed (0: handle whatever one poll returns). Sinks that write files want
+        large batches; latency-sensitive workers want 0.
+    on_assign
+        For workers whose output keeps its own offsets (files named by offset, state
+        snapshots): called with newly assigned partitions, returns the positions to resume
+        from. Those positions win over the group's committed offsets, which makes the
+        effect exactly-once even when a crash came between the write and the commit.
     """
 
     def __init__(
@@ -131,6 +165,8 @@ class StreamConsumer(Generic[T]):
         max_retries: int = 5,
         backoff_s: float = 0.5,
         lag_every_s: float = 5.0,
+        max_batch_wait_s: float = 0.0,
+        on_assign: Callable[[set[TopicPartition]], Mapping[TopicPartition, int]] | None = None,
         consumer_config: dict[str, Any] | None = None,
     ) -> None:
         self.settings = settings
@@ -141,6 +177,7 @@ class StreamConsumer(Generic[T]):
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.lag_every_s = lag_every_s
+        self.max_batch_wait_s = max_batch_wait_s
         self.stats = ConsumerStats()
         self._stop = threading.Event()
         config: dict[str, Any] = {
@@ -157,7 +194,7 @@ class StreamConsumer(Generic[T]):
         }
         config.update(consumer_config or {})
         self._consumer = KafkaConsumer(**config)
-        self._consumer.subscribe(self.topics)
+        self._consumer.subscribe(self.topics, listener=_Rebalance(self._consumer, on_assign))
         self._dlq = kafka_producer(settings.kafka_bootstrap, linger_ms=0)
         self._last_lag = 0.0
 
@@ -199,10 +236,7 @@ class StreamConsumer(Generic[T]):
     # -- one batch ---------------------------------------------------------------------
     def poll_once(self) -> int:
         """Poll, process and commit one batch; returns the number of records seen."""
-        polled = self._consumer.poll(
-            timeout_ms=self.settings.consumer_poll_timeout_ms,
-            max_records=self.settings.consumer_batch_size,
-        )
+        polled = self._poll_batch()
         records = [r for part in polled.values() for r in part]
         if records:
             self.stats.consumed += len(records)
@@ -212,6 +246,21 @@ class StreamConsumer(Generic[T]):
         if time.monotonic() - self._last_lag >= self.lag_every_s:
             self._update_lag()
         return len(records)
+
+    def _poll_batch(self) -> dict[TopicPartition, list[ConsumerRecord]]:
+        limit = self.settings.consumer_batch_size
+        deadline = time.monotonic() + self.max_batch_wait_s
+        batch: dict[TopicPartition, list[ConsumerRecord]] = {}
+        size = 0
+        while True:
+            polled = self._consumer.poll(
+                timeout_ms=self.settings.consumer_poll_timeout_ms, max_records=limit - size
+            )
+            for tp, recs in polled.items():
+                batch.setdefault(tp, []).extend(recs)
+                size += len(recs)
+            if size >= limit or time.monotonic() >= deadline or self._stop.is_set():
+                return batch
 
     def _process(self, records: list[ConsumerRecord]) -> None:
         good: list[Message[T]] = []
@@ -270,6 +319,8 @@ class StreamConsumer(Generic[T]):
                 ("dlq.source.topic", rec.topic.encode()),
                 ("dlq.source.partition", str(rec.partition).encode()),
                 ("dlq.source.offset", str(rec.offset).encode()),
+                # Every group that consumes a topic reports what it could not process.
+                ("dlq.group", self.group_id.encode()),
                 ("dlq.failed.at", failed_at),
             ]
             futures.append(

@@ -22,12 +22,18 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-kafka_app = typer.Typer(help="A local single-node Apache Kafka broker (KRaft).", no_args_is_help=True)
+kafka_app = typer.Typer(
+    help="A local single-node Apache Kafka broker (KRaft).", no_args_is_help=True
+)
 topics_app = typer.Typer(help="Kafka topics streamrec uses.", no_args_is_help=True)
 dlq_app = typer.Typer(help="Dead-letter topics: what was rejected, and why.", no_args_is_help=True)
+worker_app = typer.Typer(
+    help="Long-running stream workers (stop with SIGTERM).", no_args_is_help=True
+)
 app.add_typer(kafka_app, name="kafka")
 app.add_typer(topics_app, name="topics")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(worker_app, name="worker")
 
 
 def _local_kafka(settings: Settings) -> LocalKafka:
@@ -107,13 +113,30 @@ def dlq_show(
         typer.echo(json.dumps(rec, ensure_ascii=False))
 
 
+@worker_app.command("archiver")
+def worker_archiver(
+    max_idle_s: Annotated[
+        float | None, typer.Option(help="Exit after this long without input (default: never).")
+    ] = None,
+) -> None:
+    """Archive valid events and catalog records into the Parquet event log, exactly once."""
+    import logging
+
+    from streaming.archiver import run_archiver
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    summary = run_archiver(get_settings(), max_idle_s=max_idle_s)
+    typer.echo(json.dumps(summary))
+
+
 @app.command("config")
 def config_table() -> None:
     """Print every STREAMREC_* setting with its current value and meaning."""
     settings = get_settings()
     rows = [("variable", "value", "meaning")]
     for name, f in Settings.model_fields.items():
-        rows.append((f"STREAMREC_{name.upper()}", str(getattr(settings, name)), f.description or ""))
+        value = str(getattr(settings, name))
+        rows.append((f"STREAMREC_{name.upper()}", value, f.description or ""))
     width = [max(len(r[i]) for r in rows) for i in range(2)]
     for r in rows:
         typer.echo(f"{r[0]:<{width[0]}}  {r[1]:<{width[1]}}  {r[2]}")
@@ -144,9 +167,14 @@ def demo(
     keep_kafka: Annotated[bool, typer.Option(help="Leave the broker running afterwards.")] = False,
 ) -> None:
     """Run the local pipeline end to end on embedded defaults and print a summary."""
+    from streaming.broker import BrokerError
     from streamrec.demo import run_demo
 
-    code = run_demo(get_settings(), n_events=events, rate=rate, keep_kafka=keep_kafka)
+    try:
+        code = run_demo(get_settings(), n_events=events, rate=rate, keep_kafka=keep_kafka)
+    except BrokerError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     raise typer.Exit(code)
 
 

@@ -52,6 +52,11 @@ class Settings(BaseSettings):
         5000, ge=100, description="How long a send may block when the broker is unreachable."
     )
 
+    archiver_group: str = Field("archiver", description="Consumer group of the archiver.")
+    feature_writer_group: str = Field(
+        "feature-writer", description="Consumer group of the feature writer."
+    )
+
     # --- Local broker (`streamrec kafka up`) ---------------------------------------------
     kafka_local_port: int = Field(9092, description="Client port of the local broker.")
     kafka_local_controller_port: int = Field(
