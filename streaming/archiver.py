@@ -11,11 +11,15 @@ Layout (Hive-style partitions by *event* time, so late events land where they be
     <home>/offline/items/part-p0001-o…-o….parquet          (catalog records, newest per item wins)
 
 How exactly-once works: each file holds records of ONE source partition, and its name
-carries the first and last source offset. A file is written under a temporary name, fsynced
-and renamed — the rename is the commit point. When the archiver is (re)assigned a
-partition it resumes after the highest offset already in a file name, whatever Kafka's
-committed offset says; so a crash between the rename and the offset commit neither loses
-nor duplicates records (the same recovery the Kafka Connect HDFS sink uses).
+carries the first and last source offset of the batch it came from. A batch may span
+several hour folders, so its files are first written under hidden temporary names
+(readers skip names starting with ``.``), fsynced, then renamed into place, and finally an
+empty manifest ``_manifests/p0003/o…-o…`` records the batch as complete — the manifest is
+the commit point. When the archiver is (re)assigned a partition it resumes after the
+highest manifested offset, whatever Kafka's committed offset says, and first deletes the
+part files of that partition from batches that never got their manifest. So a crash at
+any point neither loses nor duplicates records (the recovery the Kafka Connect HDFS sink
+uses, extended to batches that span folders).
 
 Examples
 --------
@@ -101,31 +105,49 @@ def items_dir(settings: Settings) -> Path:
     return settings.home / "offline" / "items"
 
 
+def _manifest_dir(root: Path, partition: int) -> Path:
+    return root / "_manifests" / f"p{partition:04d}"
+
+
 def archived_positions(root: Path) -> dict[int, int]:
-    """Per source partition, the offset after the last archived record under ``root``."""
+    """Per source partition, the offset after the last completely archived batch."""
     positions: dict[int, int] = {}
-    if not root.exists():
+    manifests = root / "_manifests"
+    if not manifests.exists():
         return positions
-    for path in root.rglob("part-*.parquet"):
-        parsed = parse_part_name(path.name)
-        if parsed:
-            p, _, last = parsed
-            positions[p] = max(positions.get(p, 0), last + 1)
+    for path in manifests.glob("p*/o*"):
+        first_last = path.name.split("-")
+        partition, last = int(path.parent.name[1:]), int(first_last[1][1:])
+        positions[partition] = max(positions.get(partition, 0), last + 1)
     return positions
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
+def remove_uncommitted(root: Path, partition: int, position: int) -> int:
+    """Delete part files of ``partition`` at or after ``position`` (from unfinished batches)."""
+    removed = 0
+    for path in root.rglob(f"part-p{partition:04d}-*.parquet"):
+        parsed = parse_part_name(path.name)
+        if parsed and parsed[1] >= position:
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # a rename or create must survive a power cut, not just the bytes
+    finally:
+        os.close(fd)
+
+
+def _write_hidden(table: pa.Table, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     pq.write_table(table, tmp, compression="zstd")
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself must survive a power cut, not just the bytes
-    finally:
-        os.close(dir_fd)
+    return tmp
 
 
 def event_rows(batch: Sequence[Message[Event]]) -> dict[str, list[Any]]:
@@ -196,8 +218,18 @@ class Archiver:
         self.rows_written = 0
 
     def resume_positions(self, assigned: set[TopicPartition]) -> Mapping[TopicPartition, int]:
+        """Where each newly assigned partition resumes; drops leftovers of unfinished batches."""
         done = archived_positions(self.root)
-        return {tp: done[tp.partition] for tp in assigned if tp.partition in done}
+        positions = {}
+        for tp in assigned:
+            position = done.get(tp.partition, 0)
+            removed = remove_uncommitted(self.root, tp.partition, position)
+            if removed:
+                log.warning("removed %d part file(s) of unfinished batches of partition %d",
+                            removed, tp.partition)
+            if tp.partition in done:
+                positions[tp] = position
+        return positions
 
     def write(self, batch: list[Message[Any]]) -> list[Failure]:
         by_partition: dict[int, list[Message[Any]]] = defaultdict(list)
@@ -206,24 +238,32 @@ class Archiver:
         for partition, msgs in by_partition.items():
             first, last = msgs[0].offset, msgs[-1].offset
             name = part_name(partition, first, last)
-            if not self.partition_by_hour:
-                self._write(msgs, self.root / name)
-                continue
-            by_hour: dict[str, list[Message[Any]]] = defaultdict(list)
-            for m in msgs:
-                ts: datetime = m.value.ts.astimezone(UTC)
-                by_hour[f"date={ts:%Y-%m-%d}/hour={ts:%H}"].append(m)
-            for folder, hour_msgs in by_hour.items():
-                # Same offset range in every hour folder of this batch: recovery takes the
-                # maximum, and a re-run rewrites identical files under identical names.
-                self._write(hour_msgs, self.root / folder / name)
+            groups: dict[str, list[Message[Any]]] = defaultdict(list)
+            if self.partition_by_hour:
+                for m in msgs:
+                    ts: datetime = m.value.ts.astimezone(UTC)
+                    groups[f"date={ts:%Y-%m-%d}/hour={ts:%H}"].append(m)
+            else:
+                groups[""] = msgs
+            staged = [
+                (self._stage(group, self.root / folder / name), self.root / folder / name)
+                for folder, group in groups.items()
+            ]
+            for tmp, final in staged:
+                os.replace(tmp, final)
+            for folder in {final.parent for _, final in staged}:
+                _fsync_dir(folder)
+            manifest = _manifest_dir(self.root, partition)
+            manifest.mkdir(parents=True, exist_ok=True)
+            (manifest / f"o{first:020d}-o{last:020d}").touch()
+            _fsync_dir(manifest)
+            self.rows_written += len(msgs)
         return []
 
-    def _write(self, msgs: list[Message[Any]], path: Path) -> None:
+    def _stage(self, msgs: list[Message[Any]], path: Path) -> Path:
         table = pa.Table.from_pydict(self.to_columns(msgs), schema=self.schema)
-        _write_atomic(table, path)
         self.files_written += 1
-        self.rows_written += len(msgs)
+        return _write_hidden(table, path)
 
 
 def run_archiver(settings: Settings, *, max_idle_s: float | None = None,

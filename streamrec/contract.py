@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-import uuid
+import re
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Self
@@ -39,6 +39,7 @@ from pydantic import (
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_FUTURE_SKEW = timedelta(minutes=5)
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}\Z")
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -173,12 +174,10 @@ class Event(BaseModel):
     @field_validator("event_id", mode="before")
     @classmethod
     def _uuid(cls, v: Any) -> str:
-        if not isinstance(v, str):
-            raise ValueError("must be a UUID string")
-        try:
-            return str(uuid.UUID(v))
-        except ValueError:
-            raise ValueError("must be a UUID, e.g. 0b7e4c1e-5a7e-4f0c-9d0a-1f2e3d4c5b6a") from None
+        # A regex instead of uuid.UUID(): a third of the cost of validating an event.
+        if not isinstance(v, str) or not _UUID.match(v):
+            raise ValueError("must be a UUID, e.g. 0b7e4c1e-5a7e-4f0c-9d0a-1f2e3d4c5b6a")
+        return v.lower()
 
     @field_validator("ts", mode="before")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -70,6 +71,17 @@ class Settings(BaseSettings):
     home: Path = Field(
         Path(".streamrec"),
         description="Runtime state: local broker data and logs, feature store, models.",
+    )
+
+    # --- Feature store (Feast) ------------------------------------------------------------
+    online_store: Literal["sqlite", "redis"] = Field(
+        "sqlite",
+        description="Feast online store: `sqlite` (a file under the home) or `redis`.",
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis of the online store when online_store=redis "
+        "(redis://[:password@]host:port/db, rediss:// for TLS).",
     )
 
     # --- Event contract -----------------------------------------------------------------

@@ -21,7 +21,7 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafk
     """
     external = os.environ.get("STREAMREC_TEST_KAFKA")
     if external:
-        host, port = external.rsplit(":", 1)
+        port = external.rsplit(":", 1)[1]
         yield LocalKafka(home=tmp_path_factory.mktemp("kafka-ext"), port=int(port))
         return
     broker = LocalKafka(

@@ -68,6 +68,26 @@ def test_part_files_record_their_offsets_and_resume_after_the_highest(tmp_path: 
     assert (tmp_path / "date=2026-01-01" / "hour=22" / part_name(2, 100, 109)).exists()
 
 
+def test_files_of_a_batch_without_manifest_are_removed_on_resume(tmp_path: Path) -> None:
+    start = datetime(2026, 1, 1, 22, 59, 55, tzinfo=UTC)  # the batch spans two hour folders
+    archiver = Archiver(tmp_path, EVENT_SCHEMA, event_rows, partition_by_hour=True)
+    evs = _events(20, start)
+    first = [Message(e, "events", 0, i, None, e.to_json(), 0) for i, e in enumerate(evs[:10])]
+    archiver.write(first)
+    # A crash after one hour file of the next batch was renamed into place, before its
+    # manifest: that file must not survive the restart, or its rows would be duplicated.
+    second = [Message(e, "events", 0, 10 + i, None, e.to_json(), 0)
+              for i, e in enumerate(evs[10:])]
+    orphan = tmp_path / "date=2026-01-01" / "hour=23" / part_name(0, 10, 19)
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"partial")
+    assert archiver.resume_positions({TopicPartition("events", 0)}) \
+        == {TopicPartition("events", 0): 10}
+    assert not orphan.exists()
+    archiver.write(second)
+    assert sorted(_read_ids(tmp_path)) == sorted(e.event_id for e in evs)
+
+
 @pytest.mark.kafka
 def test_sigkilled_archiver_restarts_without_loss_or_duplicates(
     kafka_settings: Settings, tmp_path: Path
@@ -116,7 +136,7 @@ def test_sigkilled_archiver_restarts_without_loss_or_duplicates(
         proc.wait(timeout=10)
     producer.join(timeout=120)
     assert done.is_set()
-    final = subprocess.run(cmd + ["--max-idle-s", "6"], env=env, capture_output=True,
+    final = subprocess.run([*cmd, "--max-idle-s", "6"], env=env, capture_output=True,
                            text=True, timeout=180)
     assert final.returncode == 0, final.stderr[-2000:]
 
