@@ -231,3 +231,19 @@ def test_sigterm_finishes_the_batch_commits_and_exits_cleanly(
     handled = _lines(out)
     assert len(first_run) >= 500
     assert len(handled) == 3_000 == len(set(handled))
+
+
+def test_kafka_status_exits_zero_only_when_the_broker_answers(
+    kafka_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from streamrec.cli import app
+    from streamrec.settings import get_settings
+
+    runner = CliRunner()
+    for bootstrap, code in [(kafka_settings.kafka_bootstrap, 0), (f"127.0.0.1:{free_port()}", 1)]:
+        monkeypatch.setenv("STREAMREC_KAFKA_BOOTSTRAP", bootstrap)
+        get_settings.cache_clear()
+        assert runner.invoke(app, ["kafka", "status"]).exit_code == code
+    get_settings.cache_clear()

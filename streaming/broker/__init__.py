@@ -93,6 +93,7 @@ def broker_answers(bootstrap: str, timeout_s: float = 3.0) -> bool:
         admin = KafkaAdminClient(
             bootstrap_servers=bootstrap.split(","),
             request_timeout_ms=int(timeout_s * 1000),
+            bootstrap_timeout_ms=int(timeout_s * 1000),
             client_id="streamrec-probe",
         )
     except (KafkaError, OSError, ValueError):
