@@ -43,8 +43,11 @@ def measure(bootstrap: str, n: int, partitions: int) -> dict[str, float]:
     topic = f"bench-events-{uuid.uuid4().hex[:6]}"
     ensure_topics(bootstrap, [topic, f"{topic}.dlq"], partitions)
     log(f"generating {n:,} simulated events …")
-    events = [r for r in Simulator(SimulatorConfig(seed=1, n_users=5_000, n_items=10_000))
-              .events(n) if isinstance(r, Event)]
+    events = [
+        r
+        for r in Simulator(SimulatorConfig(seed=1, n_users=5_000, n_items=10_000)).events(n)
+        if isinstance(r, Event)
+    ]
 
     log("producing …")
     t0 = time.perf_counter()
@@ -65,16 +68,22 @@ def measure(bootstrap: str, n: int, partitions: int) -> dict[str, float]:
         return []
 
     log("consuming with the runtime (decode + validate + commit per batch) …")
-    consumer = StreamConsumer(settings, [topic], f"bench-{uuid.uuid4().hex[:6]}",
-                              parse_event, handle)
+    consumer = StreamConsumer(
+        settings, [topic], f"bench-{uuid.uuid4().hex[:6]}", parse_event, handle
+    )
     t0 = time.perf_counter()
     consumer.run(until=lambda: seen >= len(events))
     consume_s = time.perf_counter() - t0
 
     log("consuming raw bytes with a bare KafkaConsumer (reference) …")
-    raw = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                        enable_auto_commit=False, max_poll_records=5000,
-                        fetch_max_bytes=32 * 1024 * 1024)
+    raw = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        max_poll_records=5000,
+        fetch_max_bytes=32 * 1024 * 1024,
+    )
     got = 0
     t0 = time.perf_counter()
     while got < len(events):
@@ -100,8 +109,13 @@ def main() -> None:
         result = measure(args.bootstrap, args.events, args.partitions)
     else:
         with tempfile.TemporaryDirectory() as home:
-            broker = LocalKafka(Path(home), port=free_port(), controller_port=free_port(),
-                                cache_dir=Settings().cache_dir, heap="1g")
+            broker = LocalKafka(
+                Path(home),
+                port=free_port(),
+                controller_port=free_port(),
+                cache_dir=Settings().cache_dir,
+                heap="1g",
+            )
             log("starting a local broker …")
             broker.start(quiet=True)
             try:

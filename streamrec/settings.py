@@ -58,6 +58,16 @@ class Settings(BaseSettings):
         "feature-writer", description="Consumer group of the feature writer."
     )
 
+    feature_allowed_lateness_s: float = Field(
+        600.0, gt=0,
+        description="Events older than an entity's newest by more than this are too late "
+        "for real-time features (still archived). Dedup memory grows with it.",
+    )
+    feature_snapshot_interval_s: float = Field(
+        30.0, gt=0,
+        description="How often the feature writer persists state + offsets (bounds replay).",
+    )
+
     # --- Local broker (`streamrec kafka up`) ---------------------------------------------
     kafka_local_port: int = Field(9092, description="Client port of the local broker.")
     kafka_local_controller_port: int = Field(
