@@ -98,6 +98,7 @@ class ConsumerStats:
 
 
 Handler = Callable[[list[Message[T]]], Sequence[Failure]]
+OnAssign = Callable[[set[TopicPartition]], Mapping[TopicPartition, int | None]]
 Decoder = Callable[[bytes], T]
 
 
@@ -107,7 +108,7 @@ class _Rebalance(ConsumerRebalanceListener):
     def __init__(
         self,
         consumer: KafkaConsumer,
-        on_assign: Callable[[set[TopicPartition]], Mapping[TopicPartition, int]] | None,
+        on_assign: OnAssign | None,
     ) -> None:
         self._consumer = consumer
         self._on_assign = on_assign
@@ -120,9 +121,13 @@ class _Rebalance(ConsumerRebalanceListener):
         if self._on_assign is None or not assigned:
             return
         for tp, position in self._on_assign(set(assigned)).items():
-            log.info("resuming %s:%d at offset %d from the worker's own output",
-                     tp.topic, tp.partition, position)
-            self._consumer.seek(tp, position)
+            if position is None:
+                log.info("replaying %s:%d from the beginning", tp.topic, tp.partition)
+                self._consumer.seek_to_beginning(tp)
+            else:
+                log.info("resuming %s:%d at offset %d from the worker's own output",
+                         tp.topic, tp.partition, position)
+                self._consumer.seek(tp, position)
 
 
 class StreamConsumer(Generic[T]):
@@ -150,8 +155,15 @@ class StreamConsumer(Generic[T]):
     on_assign
         For workers whose output keeps its own offsets (files named by offset, state
         snapshots): called with newly assigned partitions, returns the positions to resume
-        from. Those positions win over the group's committed offsets, which makes the
-        effect exactly-once even when a crash came between the write and the commit.
+        from (``None``: the beginning of the partition). Those positions win over the
+        group's committed offsets, which makes the effect exactly-once even when a crash
+        came between the write and the commit.
+    after_commit
+        Called with the committed positions after every commit — the moment a worker can
+        record its own state as consistent with exactly those offsets.
+    on_idle
+        Called after a poll that returned nothing, for workers that hold records back
+        (event-time alignment) and must release them once the input has gone quiet.
     """
 
     def __init__(
@@ -166,7 +178,9 @@ class StreamConsumer(Generic[T]):
         backoff_s: float = 0.5,
         lag_every_s: float = 5.0,
         max_batch_wait_s: float = 0.0,
-        on_assign: Callable[[set[TopicPartition]], Mapping[TopicPartition, int]] | None = None,
+        on_assign: OnAssign | None = None,
+        after_commit: Callable[[dict[TopicPartition, int]], None] | None = None,
+        on_idle: Callable[[], None] | None = None,
         consumer_config: dict[str, Any] | None = None,
     ) -> None:
         self.settings = settings
@@ -178,6 +192,8 @@ class StreamConsumer(Generic[T]):
         self.backoff_s = backoff_s
         self.lag_every_s = lag_every_s
         self.max_batch_wait_s = max_batch_wait_s
+        self.after_commit = after_commit
+        self.on_idle = on_idle
         self.stats = ConsumerStats()
         self._stop = threading.Event()
         config: dict[str, Any] = {
@@ -233,6 +249,18 @@ class StreamConsumer(Generic[T]):
         finally:
             self._consumer.close(autocommit=False)
 
+    def assignment(self) -> set[TopicPartition]:
+        """Partitions this consumer currently owns."""
+        return set(self._consumer.assignment())
+
+    def caught_up(self, tp: TopicPartition) -> bool:
+        """Whether everything the broker had for ``tp`` at the last fetch was polled.
+
+        Uses the high watermark of the last fetch response, so it costs no request.
+        """
+        high = self._consumer.highwater(tp)
+        return high is not None and self._consumer.position(tp) >= high
+
     # -- one batch ---------------------------------------------------------------------
     def poll_once(self) -> int:
         """Poll, process and commit one batch; returns the number of records seen."""
@@ -243,6 +271,8 @@ class StreamConsumer(Generic[T]):
             self._process(records)
             self._commit(polled)
             self.stats.batches += 1
+        elif self.on_idle is not None:
+            self.on_idle()
         if time.monotonic() - self._last_lag >= self.lag_every_s:
             self._update_lag()
         return len(records)
@@ -339,6 +369,8 @@ class StreamConsumer(Generic[T]):
         }
         self._consumer.commit(offsets)
         self.stats.commits += 1
+        if self.after_commit is not None:
+            self.after_commit({tp: om.offset for tp, om in offsets.items()})
 
     def _update_lag(self) -> None:
         self._last_lag = time.monotonic()

@@ -7,6 +7,7 @@ and call plain functions that live next to the logic they drive.
 from __future__ import annotations
 
 import json
+import time
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -33,7 +34,9 @@ worker_app = typer.Typer(
 app.add_typer(kafka_app, name="kafka")
 app.add_typer(topics_app, name="topics")
 app.add_typer(dlq_app, name="dlq")
+feast_app = typer.Typer(help="The Feast feature repository.", no_args_is_help=True)
 app.add_typer(worker_app, name="worker")
+app.add_typer(feast_app, name="feast")
 
 
 def _local_kafka(settings: Settings) -> LocalKafka:
@@ -127,6 +130,52 @@ def worker_archiver(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     summary = run_archiver(get_settings(), max_idle_s=max_idle_s)
     typer.echo(json.dumps(summary))
+
+
+@worker_app.command("features")
+def worker_features(
+    max_idle_s: Annotated[
+        float | None, typer.Option(help="Exit after this long without input (default: never).")
+    ] = None,
+) -> None:
+    """Fold events into real-time user/item features in Feast (one replica per deployment)."""
+    import logging
+
+    from features.store import apply_repo, registry_exists
+    from streaming.feature_writer import FeatureWriter
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = get_settings()
+    if not registry_exists(settings):
+        typer.echo("no Feast registry yet: applying feature_repo/ first", err=True)
+        apply_repo(settings)
+    stats = FeatureWriter(settings).run(max_idle_s=max_idle_s)
+    typer.echo(
+        json.dumps(
+            {
+                "events": stats.events,
+                "duplicates": stats.duplicates,
+                "too_late": stats.too_late,
+                "user_rows": stats.user_rows,
+                "item_rows": stats.item_rows,
+                "snapshots": stats.snapshots,
+            }
+        )
+    )
+
+
+@feast_app.command("apply")
+def feast_apply() -> None:
+    """Register feature_repo/ in the Feast registry and create the store tables (idempotent)."""
+    from features.store import apply_repo
+
+    settings = get_settings()
+    started = time.monotonic()
+    apply_repo(settings)
+    typer.echo(
+        f"feature repository applied in {time.monotonic() - started:.1f}s "
+        f"(online store: {settings.online_store})"
+    )
 
 
 @app.command("config")

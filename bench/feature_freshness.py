@@ -1,0 +1,196 @@
+"""Feature-writer throughput and freshness, against a real broker and Feast (SQLite) store.
+
+Two phases, one local broker, a fresh Feast repository in a temp home:
+
+1. **Throughput**: ``--events`` simulated events are loaded into the topic first, then ONE
+   feature-writer (in this process) consumes them from the beginning: validation, the
+   event-time engine, and upserts of every changed user/item row into Feast's online store.
+   ``events_per_s`` = events / time from the first poll to the last online write.
+2. **Freshness**: ``streamrec simulate --live --rate R`` (a separate process) produces events
+   stamped with the wall clock at a fixed rate while the writer runs; for every event,
+   freshness = the moment its features were committed online minus its event time. Reported
+   as p50/p99 over the steady part of the run (the first 3 s are warm-up). The write is a
+   committed transaction of Feast's online store, so that is when a reader sees it
+   (``tests/test_feature_writer.py`` checks it through Feast's read path).
+
+Usage::
+
+    .venv/bin/python bench/feature_freshness.py [--events 200000] [--rate 5000] [--seconds 30]
+
+Progress goes to stderr; the last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from features.store import apply_repo
+from streaming.broker import LocalKafka, free_port
+from streaming.feature_writer import FeatureWriter
+from streaming.producer import EventProducer
+from streaming.simulator import Simulator, SimulatorConfig
+from streaming.topics import ensure_topics, stream_topics
+from streamrec.settings import Settings
+
+
+def log(msg: str) -> None:
+    print(f"[feature_freshness] {msg}", file=sys.stderr, flush=True)
+
+
+def _settings(bootstrap: str, home: Path, tag: str) -> Settings:
+    return Settings(
+        kafka_bootstrap=bootstrap,
+        home=home / tag,
+        topic_events=f"events-{tag}",
+        topic_items=f"items-{tag}",
+        topic_impressions=f"impressions-{tag}",
+        feature_writer_group=f"fw-{tag}",
+        feature_snapshot_interval_s=30,
+    )
+
+
+def throughput(bootstrap: str, home: Path, n: int) -> dict[str, float]:
+    settings = _settings(bootstrap, home, "tput")
+    ensure_topics(bootstrap, stream_topics(settings), settings.topic_partitions)
+    apply_repo(settings)
+    log(f"loading {n:,} simulated events into Kafka …")
+    sim = Simulator(SimulatorConfig(seed=11, n_users=20_000, n_items=20_000))
+    with EventProducer(bootstrap, settings.topic_events, settings.topic_items) as producer:
+        total = producer.send_many(sim.events(n))
+    log(f"loaded {total:,} records; running one feature writer over the backlog …")
+    writer = FeatureWriter(settings)
+    consumer = writer.consumer()
+    started = time.perf_counter()
+    last_report = started
+
+    def done() -> bool:
+        nonlocal last_report
+        now = time.perf_counter()
+        if now - last_report >= 5:
+            last_report = now
+            log(
+                f"  {writer.stats.events:,} events · {writer.stats.events / (now - started):,.0f}/s"
+            )
+        return writer.stats.events >= n
+
+    consumer.run(until=done)
+    elapsed = time.perf_counter() - started
+    writer.writer.close()
+    stats = writer.stats
+    log(
+        f"{stats.events:,} events in {elapsed:.1f}s → {stats.events / elapsed:,.0f} events/s "
+        f"({stats.user_rows:,} user rows, {stats.item_rows:,} item rows written)"
+    )
+    return {
+        "events": stats.events,
+        "events_per_s": round(stats.events / elapsed),
+        "rows_written": stats.user_rows + stats.item_rows,
+    }
+
+
+def freshness(bootstrap: str, home: Path, rate: int, seconds: int) -> dict[str, float]:
+    settings = _settings(bootstrap, home, "fresh")
+    ensure_topics(bootstrap, stream_topics(settings), settings.topic_partitions)
+    apply_repo(settings)
+    writer = FeatureWriter(settings)
+    consumer = writer.consumer()
+    worker = threading.Thread(
+        target=writer.run, kwargs={"install_signals": False, "consumer": consumer}
+    )
+    worker.start()
+    time.sleep(3)  # group join before the first event, so startup is not measured
+    env = {
+        **os.environ,
+        "STREAMREC_KAFKA_BOOTSTRAP": bootstrap,
+        "STREAMREC_TOPIC_EVENTS": settings.topic_events,
+        "STREAMREC_TOPIC_ITEMS": settings.topic_items,
+    }
+    n = rate * seconds
+    log(f"producing {n:,} live events at {rate:,}/s for {seconds}s …")
+    producer = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "streamrec",
+            "simulate",
+            "--kafka",
+            "--live",
+            "--rate",
+            str(rate),
+            "--events",
+            str(n),
+            "--seed",
+            str(uuid.uuid4().int % 1000),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if producer.returncode != 0:
+        raise RuntimeError(producer.stderr[-2000:])
+    deadline = time.monotonic() + 60
+    while writer.stats.events < n and time.monotonic() < deadline:
+        time.sleep(0.2)
+    consumer.stop()
+    worker.join(timeout=60)
+    samples = list(writer.stats.freshness_ms)
+    steady = np.array(samples[min(len(samples) // 10, rate * 3) :])
+    log(
+        f"{len(samples):,} events measured; p50 {np.percentile(steady, 50):.0f} ms, "
+        f"p99 {np.percentile(steady, 99):.0f} ms"
+    )
+    return {
+        "freshness_rate_events_per_s": rate,
+        "freshness_events": len(samples),
+        "freshness_p50_ms": round(float(np.percentile(steady, 50)), 1),
+        "freshness_p99_ms": round(float(np.percentile(steady, 99)), 1),
+        "freshness_max_ms": round(float(steady.max()), 1),
+        "freshness_mean_ms": round(statistics.fmean(steady), 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--rate", type=int, default=5_000)
+    parser.add_argument("--seconds", type=int, default=30)
+    parser.add_argument("--bootstrap", help="use this broker instead of starting one")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        broker = None
+        bootstrap = args.bootstrap
+        if not bootstrap:
+            broker = LocalKafka(
+                home / "kafka",
+                port=free_port(),
+                controller_port=free_port(),
+                cache_dir=Settings().cache_dir,
+                heap="1g",
+            )
+            log("starting a local broker …")
+            broker.start(quiet=True)
+            bootstrap = broker.bootstrap
+        try:
+            result = throughput(bootstrap, home, args.events)
+            result.update(freshness(bootstrap, home, args.rate, args.seconds))
+        finally:
+            if broker is not None:
+                broker.stop()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""The feature writer: events → real-time features in Feast, exactly-once in effect.
+
+It consumes ``events`` (and ``items``, for the categories behind ``last_category``), merges
+the partitions in event time (:mod:`streaming.alignment`: a backlog must not make on-time
+events look late), folds each micro-batch into
+:class:`features.realtime.RealtimeFeatureEngine`, and
+upserts the rows of every user and item the batch changed into Feast's online store
+(``user_realtime``, ``item_realtime``). Every row carries the event time of the newest
+event it includes, so freshness is measurable and point-in-time joins are correct.
+
+Crash safety — state and offsets move together:
+
+* After a commit, when ``snapshot_interval_s`` has passed (and at shutdown), the writer
+  stores one file: the engine's snapshot plus the exact offsets it reflects
+  (``<home>/state/feature-writer.snapshot``, written atomically).
+* On (re)start it restores that snapshot and resumes every partition at the snapshot's
+  offset — not at the group's committed offset, which may be ahead. Events between the
+  snapshot and the crash are replayed into the restored state; the engine deduplicates by
+  ``event_id``, so nothing counts twice and nothing is lost. Without a snapshot it replays
+  each partition from the beginning, rebuilding the state from the retained log.
+* Replayed rows are rewritten to the online store (the store keeps the newest row per
+  entity), and the offline log part written after snapshot *n* is named after *n*, so a
+  replay replaces it instead of adding duplicate rows.
+
+Scale-out: item aggregates need every event of an item, and events are keyed by user, so
+this worker is deployed as ONE replica per topic (it still reads all partitions). Running
+several replicas would split item counts between them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+from kafka import TopicPartition
+
+from features.definitions import ITEM_VIEW, USER_VIEW, epoch_us
+from features.realtime import RealtimeFeatureEngine
+from features.store import OnlineFeatureWriter
+from streaming.alignment import EventTimeAligner
+from streaming.consumer import Failure, Message, StreamConsumer
+from streamrec.contract import Event, Item, parse_event, parse_item
+from streamrec.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_MAGIC = b"streamrec.feature-writer.v1\n"
+
+
+def snapshot_path(settings: Settings) -> Path:
+    return settings.home / "state" / "feature-writer.snapshot"
+
+
+@dataclass
+class WriterStats:
+    """What the writer did, for logs, metrics and tests."""
+
+    events: int = 0
+    duplicates: int = 0
+    too_late: int = 0
+    user_rows: int = 0
+    item_rows: int = 0
+    snapshots: int = 0
+    # Per event: its event time → the moment its features were committed online. Bounded,
+    # so a long-running worker keeps the recent distribution only.
+    freshness_ms: deque[float] = field(default_factory=lambda: deque(maxlen=500_000))
+
+
+def write_snapshot(path: Path, sequence: int, offsets: Mapping[TopicPartition, int],
+                   engine_state: bytes) -> None:
+    """One file: a JSON header line with the offsets, then the engine's own snapshot."""
+    header = orjson.dumps({
+        "sequence": sequence,
+        "offsets": [[tp.topic, tp.partition, off] for tp, off in sorted(offsets.items())],
+    })
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(_MAGIC + header + b"\n" + engine_state)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_snapshot(path: Path) -> tuple[int, dict[TopicPartition, int], bytes] | None:
+    """``(sequence, offsets, engine_state)`` of a snapshot file, ``None`` when absent."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    if not data.startswith(_MAGIC):
+        raise ValueError(f"{path} is not a feature-writer snapshot")
+    header, _, state = data[len(_MAGIC):].partition(b"\n")
+    meta = orjson.loads(header)
+    offsets = {TopicPartition(t, p): o for t, p, o in meta["offsets"]}
+    return int(meta["sequence"]), offsets, state
+
+
+class FeatureWriter:
+    """Folds events into real-time features and writes them to Feast (see module doc).
+
+    Parameters
+    ----------
+    settings
+        Topics, home folder (snapshot, offline log) and the Feast configuration.
+    allowed_lateness
+        Events older than an entity's newest event by more than this are counted as too
+        late and change nothing (they are still archived by the archiver).
+    snapshot_interval_s
+        How often state + offsets are persisted; also bounds the replay after a crash.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        allowed_lateness: timedelta | None = None,
+        snapshot_interval_s: float | None = None,
+        writer: OnlineFeatureWriter | None = None,
+    ) -> None:
+        self.settings = settings
+        lateness = allowed_lateness or timedelta(seconds=settings.feature_allowed_lateness_s)
+        self.engine = RealtimeFeatureEngine(allowed_lateness=lateness)
+        self.writer = writer or OnlineFeatureWriter(settings)
+        self.snapshot_interval_s = (
+            settings.feature_snapshot_interval_s if snapshot_interval_s is None
+            else snapshot_interval_s
+        )
+        self.stats = WriterStats()
+        self._path = snapshot_path(settings)
+        self._sequence = 0
+        self._committed: dict[TopicPartition, int] = {}
+        self._aligner: EventTimeAligner[Event] = EventTimeAligner()
+        self._consumer: StreamConsumer[Event | Item] | None = None
+        self._last_snapshot = time.monotonic()
+        self._offline_users: list[dict[str, Any]] = []
+        self._offline_items: list[dict[str, Any]] = []
+
+    # -- consumer hooks ----------------------------------------------------------------
+    def decode(self, raw: bytes) -> Event | Item:
+        data = orjson.loads(raw)
+        return parse_event(data) if "event_type" in data else parse_item(data)
+
+    def on_assign(self, assigned: set[TopicPartition]) -> dict[TopicPartition, int | None]:
+        """Restore the snapshot (once) and resume every partition where it left off."""
+        # Every assigned partition is rewound below, so records held for alignment would
+        # only come again.
+        self._aligner = EventTimeAligner()
+        snap = read_snapshot(self._path)
+        if snap is None:
+            log.info("no snapshot: rebuilding feature state from the beginning of the log")
+            return dict.fromkeys(assigned)
+        sequence, offsets, state = snap
+        if sequence != self._sequence or not self._committed:
+            self.engine.restore(state)
+            self._sequence = sequence
+            self._committed = dict(offsets)
+            self._offline_users.clear()
+            self._offline_items.clear()
+            log.info("restored feature state of snapshot %d (%d partitions)",
+                     sequence, len(offsets))
+        return {tp: offsets.get(tp) for tp in assigned}
+
+    def handle(self, batch: list[Message[Event | Item]]) -> list[Failure]:
+        per_partition: dict[TopicPartition, list[tuple[int, int, Event]]] = {}
+        for m in batch:
+            value = m.value
+            if isinstance(value, Item):
+                # Catalog records only feed lookups; they need no event-time order.
+                self.engine.catalog_update(value)
+            else:
+                per_partition.setdefault(TopicPartition(m.topic, m.partition), []).append(
+                    (epoch_us(value.ts), m.offset, value)
+                )
+        for tp, records in per_partition.items():
+            self._aligner.add(tp, records)
+        self.release()
+        return []
+
+    def release(self) -> None:
+        """Apply what event-time alignment lets through and write the changed rows."""
+        if self._consumer is None or not len(self._aligner):
+            return
+        events_topic = self.settings.topic_events
+        assigned = {tp for tp in self._consumer.assignment() if tp.topic == events_topic}
+        released = self._aligner.release(assigned, self._consumer.caught_up)
+        if not released:
+            return
+        events = [r.value for r in released]
+        result = self.engine.apply(events)
+        user_rows = [self.engine.user_row(u) for u in result.changed_users]
+        item_rows = [self.engine.item_row(i) for i in result.changed_items]
+        if user_rows:
+            self.writer.write(USER_VIEW.name, user_rows)
+        if item_rows:
+            self.writer.write(ITEM_VIEW.name, item_rows)
+        written = time.time()
+        self._offline_users.extend(user_rows)
+        self._offline_items.extend(item_rows)
+        stats = self.stats
+        stats.events += result.users.applied
+        stats.duplicates += result.users.duplicates
+        stats.too_late += result.users.too_late
+        stats.user_rows += len(user_rows)
+        stats.item_rows += len(item_rows)
+        stats.freshness_ms.extend((written - e.ts.timestamp()) * 1000 for e in events)
+
+    def after_commit(self, positions: dict[TopicPartition, int]) -> None:
+        self._committed.update(positions)
+        if time.monotonic() - self._last_snapshot >= self.snapshot_interval_s:
+            self.snapshot()
+
+    def _positions(self) -> dict[TopicPartition, int]:
+        """Offsets the state reflects: records still held by the aligner are not in it."""
+        out = dict(self._committed)
+        for tp in out:
+            held = self._aligner.position(tp)
+            if held is not None:
+                out[tp] = held
+        return out
+
+    # -- state ---------------------------------------------------------------------------
+    def snapshot(self) -> None:
+        """Flush the offline log part of this interval, then persist state + offsets."""
+        part = f"s{self._sequence:010d}"
+        if self._offline_users:
+            self.writer.append_offline(USER_VIEW.name, self._offline_users, part=part)
+        if self._offline_items:
+            self.writer.append_offline(ITEM_VIEW.name, self._offline_items, part=part)
+        self._offline_users.clear()
+        self._offline_items.clear()
+        self._sequence += 1
+        write_snapshot(self._path, self._sequence, self._positions(), self.engine.snapshot())
+        self._last_snapshot = time.monotonic()
+        self.stats.snapshots += 1
+
+    # -- running -------------------------------------------------------------------------
+    def consumer(self) -> StreamConsumer[Event | Item]:
+        s = self.settings
+        self._consumer = StreamConsumer(
+            s, [s.topic_events, s.topic_items], s.feature_writer_group,
+            self.decode, self.handle, on_assign=self.on_assign, after_commit=self.after_commit,
+            on_idle=self.release,
+            # Smaller per-partition fetches keep partitions close in event time (alignment).
+            consumer_config={"max_partition_fetch_bytes": 512 * 1024},
+        )
+        return self._consumer
+
+    def run(self, *, max_idle_s: float | None = None, install_signals: bool = True,
+            consumer: StreamConsumer[Event | Item] | None = None) -> WriterStats:
+        """Consume until SIGTERM (or ``max_idle_s`` without input); snapshot on the way out."""
+        consumer = consumer or self._consumer or self.consumer()
+        if install_signals:
+            consumer.install_signal_handlers()
+        try:
+            consumer.run(max_idle_s=max_idle_s)
+        finally:
+            if self._committed:
+                self.snapshot()
+            self.writer.close()
+        return self.stats
