@@ -49,10 +49,12 @@ def log(msg: str) -> None:
     print(f"[feature_freshness] {msg}", file=sys.stderr, flush=True)
 
 
-def _settings(bootstrap: str, home: Path, tag: str) -> Settings:
+def _settings(bootstrap: str, home: Path, tag: str, store: str, redis_url: str) -> Settings:
     return Settings(
         kafka_bootstrap=bootstrap,
         home=home / tag,
+        online_store=store,
+        redis_url=redis_url,
         topic_events=f"events-{tag}",
         topic_items=f"items-{tag}",
         topic_impressions=f"impressions-{tag}",
@@ -61,8 +63,8 @@ def _settings(bootstrap: str, home: Path, tag: str) -> Settings:
     )
 
 
-def throughput(bootstrap: str, home: Path, n: int) -> dict[str, float]:
-    settings = _settings(bootstrap, home, "tput")
+def throughput(bootstrap: str, home: Path, n: int, store: str, redis_url: str) -> dict[str, float]:
+    settings = _settings(bootstrap, home, "tput", store, redis_url)
     ensure_topics(bootstrap, stream_topics(settings), settings.topic_partitions)
     apply_repo(settings)
     log(f"loading {n:,} simulated events into Kafka …")
@@ -86,6 +88,7 @@ def throughput(bootstrap: str, home: Path, n: int) -> dict[str, float]:
         return writer.stats.events >= n
 
     consumer.run(until=done)
+    writer.flush()
     elapsed = time.perf_counter() - started
     writer.writer.close()
     stats = writer.stats
@@ -100,8 +103,10 @@ def throughput(bootstrap: str, home: Path, n: int) -> dict[str, float]:
     }
 
 
-def freshness(bootstrap: str, home: Path, rate: int, seconds: int) -> dict[str, float]:
-    settings = _settings(bootstrap, home, "fresh")
+def freshness(
+    bootstrap: str, home: Path, rate: int, seconds: int, store: str, redis_url: str
+) -> dict[str, float]:
+    settings = _settings(bootstrap, home, "fresh", store, redis_url)
     ensure_topics(bootstrap, stream_topics(settings), settings.topic_partitions)
     apply_repo(settings)
     writer = FeatureWriter(settings)
@@ -167,7 +172,17 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=5_000)
     parser.add_argument("--seconds", type=int, default=30)
     parser.add_argument("--bootstrap", help="use this broker instead of starting one")
+    parser.add_argument("--online-store", choices=["sqlite", "redis"], default="sqlite")
+    parser.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/0",
+        help="with --online-store redis (the database is flushed first)",
+    )
     args = parser.parse_args()
+    if args.online_store == "redis":
+        import redis
+
+        redis.Redis.from_url(args.redis_url).flushdb()
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         broker = None
@@ -184,8 +199,9 @@ def main() -> None:
             broker.start(quiet=True)
             bootstrap = broker.bootstrap
         try:
-            result = throughput(bootstrap, home, args.events)
-            result.update(freshness(bootstrap, home, args.rate, args.seconds))
+            store, url = args.online_store, args.redis_url
+            result = {"online_store": store, **throughput(bootstrap, home, args.events, store, url)}
+            result.update(freshness(bootstrap, home, args.rate, args.seconds, store, url))
         finally:
             if broker is not None:
                 broker.stop()

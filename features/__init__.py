@@ -1,0 +1,6 @@
+"""Feature definitions and engines (stream and batch) and streamrec's Feast access."""
+
+# Importing Feast sets PROMETHEUS_MULTIPROCESS_DIR, which flips prometheus_client into
+# multiprocess mode if it is imported afterwards; importing it first keeps streamrec's own
+# metrics ordinary in-process ones.
+import prometheus_client  # noqa: F401

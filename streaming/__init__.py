@@ -1,0 +1,6 @@
+"""Kafka plumbing: local broker, producer SDK, consumer runtime and the stream workers."""
+
+# Importing Feast sets PROMETHEUS_MULTIPROCESS_DIR, which flips prometheus_client into
+# multiprocess mode if it is imported afterwards; importing it first keeps streamrec's own
+# metrics ordinary in-process ones.
+import prometheus_client  # noqa: F401

@@ -47,6 +47,7 @@ import pyarrow.parquet as pq
 from kafka import TopicPartition
 
 from streaming.consumer import Failure, Message, StreamConsumer
+from streaming.metrics import WorkerReporter
 from streamrec.contract import Event, Item, parse_event, parse_item
 from streamrec.settings import Settings
 
@@ -54,36 +55,40 @@ log = logging.getLogger(__name__)
 
 _PART = re.compile(r"^part-p(\d+)-o(\d+)-o(\d+)\.parquet$")
 
-EVENT_SCHEMA = pa.schema([
-    ("event_id", pa.string()),
-    ("event_type", pa.string()),
-    ("user_id", pa.string()),
-    ("item_id", pa.string()),
-    ("items", pa.list_(pa.string())),
-    ("ts", pa.timestamp("us", tz="UTC")),
-    ("session_id", pa.string()),
-    ("device", pa.string()),
-    ("country", pa.string()),
-    ("page", pa.string()),
-    ("referrer", pa.string()),
-    ("query", pa.string()),
-    ("context_extra", pa.string()),
-    ("request_id", pa.string()),
-    ("position", pa.int32()),
-    ("kafka_partition", pa.int32()),
-    ("kafka_offset", pa.int64()),
-])
+EVENT_SCHEMA = pa.schema(
+    [
+        ("event_id", pa.string()),
+        ("event_type", pa.string()),
+        ("user_id", pa.string()),
+        ("item_id", pa.string()),
+        ("items", pa.list_(pa.string())),
+        ("ts", pa.timestamp("us", tz="UTC")),
+        ("session_id", pa.string()),
+        ("device", pa.string()),
+        ("country", pa.string()),
+        ("page", pa.string()),
+        ("referrer", pa.string()),
+        ("query", pa.string()),
+        ("context_extra", pa.string()),
+        ("request_id", pa.string()),
+        ("position", pa.int32()),
+        ("kafka_partition", pa.int32()),
+        ("kafka_offset", pa.int64()),
+    ]
+)
 
-ITEM_SCHEMA = pa.schema([
-    ("item_id", pa.string()),
-    ("title", pa.string()),
-    ("category", pa.string()),
-    ("price", pa.float64()),
-    ("created_at", pa.timestamp("us", tz="UTC")),
-    ("attributes", pa.string()),
-    ("kafka_partition", pa.int32()),
-    ("kafka_offset", pa.int64()),
-])
+ITEM_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("title", pa.string()),
+        ("category", pa.string()),
+        ("price", pa.float64()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+        ("attributes", pa.string()),
+        ("kafka_partition", pa.int32()),
+        ("kafka_offset", pa.int64()),
+    ]
+)
 
 
 def part_name(partition: int, first: int, last: int) -> str:
@@ -207,9 +212,14 @@ class Archiver:
         small and is kept flat.
     """
 
-    def __init__(self, root: Path, schema: pa.Schema,
-                 to_columns: Callable[[Sequence[Message[Any]]], dict[str, list[Any]]], *,
-                 partition_by_hour: bool) -> None:
+    def __init__(
+        self,
+        root: Path,
+        schema: pa.Schema,
+        to_columns: Callable[[Sequence[Message[Any]]], dict[str, list[Any]]],
+        *,
+        partition_by_hour: bool,
+    ) -> None:
         self.root = root
         self.schema = schema
         self.to_columns = to_columns
@@ -225,8 +235,11 @@ class Archiver:
             position = done.get(tp.partition, 0)
             removed = remove_uncommitted(self.root, tp.partition, position)
             if removed:
-                log.warning("removed %d part file(s) of unfinished batches of partition %d",
-                            removed, tp.partition)
+                log.warning(
+                    "removed %d part file(s) of unfinished batches of partition %d",
+                    removed,
+                    tp.partition,
+                )
             if tp.partition in done:
                 positions[tp] = position
         return positions
@@ -266,8 +279,13 @@ class Archiver:
         return _write_hidden(table, path)
 
 
-def run_archiver(settings: Settings, *, max_idle_s: float | None = None,
-                 batch_wait_s: float = 5.0) -> dict[str, int]:
+def run_archiver(
+    settings: Settings,
+    *,
+    max_idle_s: float | None = None,
+    batch_wait_s: float = 5.0,
+    metrics_port: int = 0,
+) -> dict[str, int]:
     """Archive ``events`` and ``items`` until SIGTERM (or ``max_idle_s`` without input)."""
     events = Archiver(events_dir(settings), EVENT_SCHEMA, event_rows, partition_by_hour=True)
     items = Archiver(items_dir(settings), ITEM_SCHEMA, item_rows, partition_by_hour=False)
@@ -288,14 +306,32 @@ def run_archiver(settings: Settings, *, max_idle_s: float | None = None,
         return {**events.resume_positions(ev), **items.resume_positions(it)}
 
     consumer = StreamConsumer(
-        settings, [settings.topic_events, settings.topic_items], settings.archiver_group,
-        decode, handle, max_batch_wait_s=batch_wait_s, on_assign=on_assign,
+        settings,
+        [settings.topic_events, settings.topic_items],
+        settings.archiver_group,
+        decode,
+        handle,
+        max_batch_wait_s=batch_wait_s,
+        on_assign=on_assign,
     )
     consumer.install_signal_handlers()
-    stats = consumer.run(max_idle_s=max_idle_s)
-    return {"consumed": stats.consumed, "dead_lettered": stats.dead_lettered,
-            "event_rows": events.rows_written, "item_rows": items.rows_written,
-            "files": events.files_written + items.files_written}
+    reporter = WorkerReporter(
+        "archiver",
+        consumer.stats,
+        extra=lambda: {"event_rows": events.rows_written, "item_rows": items.rows_written},
+    )
+    reporter.start(metrics_port)
+    try:
+        stats = consumer.run(max_idle_s=max_idle_s)
+    finally:
+        reporter.stop()
+    return {
+        "consumed": stats.consumed,
+        "dead_lettered": stats.dead_lettered,
+        "event_rows": events.rows_written,
+        "item_rows": items.rows_written,
+        "files": events.files_written + items.files_written,
+    }
 
 
 def load_catalog(settings: Settings) -> pa.Table:
@@ -311,5 +347,4 @@ def load_catalog(settings: Settings) -> pa.Table:
     table = pa.concat_tables(pq.read_table(f, schema=ITEM_SCHEMA) for f in files)
     df = table.to_pandas()
     df = df.sort_values("kafka_offset").drop_duplicates("item_id", keep="last")
-    return pa.Table.from_pandas(df.reset_index(drop=True), schema=ITEM_SCHEMA,
-                                preserve_index=False)
+    return pa.Table.from_pandas(df.reset_index(drop=True), schema=ITEM_SCHEMA, preserve_index=False)

@@ -48,6 +48,7 @@ from features.realtime import RealtimeFeatureEngine
 from features.store import OnlineFeatureWriter
 from streaming.alignment import EventTimeAligner
 from streaming.consumer import Failure, Message, StreamConsumer
+from streaming.metrics import FEATURE_EVENTS, FEATURE_ROWS, FRESHNESS, WorkerReporter
 from streamrec.contract import Event, Item, parse_event, parse_item
 from streamrec.settings import Settings
 
@@ -75,13 +76,16 @@ class WriterStats:
     freshness_ms: deque[float] = field(default_factory=lambda: deque(maxlen=500_000))
 
 
-def write_snapshot(path: Path, sequence: int, offsets: Mapping[TopicPartition, int],
-                   engine_state: bytes) -> None:
+def write_snapshot(
+    path: Path, sequence: int, offsets: Mapping[TopicPartition, int], engine_state: bytes
+) -> None:
     """One file: a JSON header line with the offsets, then the engine's own snapshot."""
-    header = orjson.dumps({
-        "sequence": sequence,
-        "offsets": [[tp.topic, tp.partition, off] for tp, off in sorted(offsets.items())],
-    })
+    header = orjson.dumps(
+        {
+            "sequence": sequence,
+            "offsets": [[tp.topic, tp.partition, off] for tp, off in sorted(offsets.items())],
+        }
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     with open(tmp, "wb") as f:
@@ -104,7 +108,7 @@ def read_snapshot(path: Path) -> tuple[int, dict[TopicPartition, int], bytes] | 
         return None
     if not data.startswith(_MAGIC):
         raise ValueError(f"{path} is not a feature-writer snapshot")
-    header, _, state = data[len(_MAGIC):].partition(b"\n")
+    header, _, state = data[len(_MAGIC) :].partition(b"\n")
     meta = orjson.loads(header)
     offsets = {TopicPartition(t, p): o for t, p, o in meta["offsets"]}
     return int(meta["sequence"]), offsets, state
@@ -122,6 +126,13 @@ class FeatureWriter:
         late and change nothing (they are still archived by the archiver).
     snapshot_interval_s
         How often state + offsets are persisted; also bounds the replay after a crash.
+
+    Rows are written online when ``feature_flush_interval_ms`` (users) or
+    ``feature_item_flush_interval_ms`` (items) has passed since the last write, or at once
+    when the input is drained — so a quiet stream is written per event batch and a busy one
+    coalesces each entity's updates within the interval. Items get the longer interval: an
+    impression touches ten of them, and their hour- and day-long counts move slowly, while
+    a user's click must reach the ranker within a second.
     """
 
     def __init__(
@@ -137,9 +148,12 @@ class FeatureWriter:
         self.engine = RealtimeFeatureEngine(allowed_lateness=lateness)
         self.writer = writer or OnlineFeatureWriter(settings)
         self.snapshot_interval_s = (
-            settings.feature_snapshot_interval_s if snapshot_interval_s is None
+            settings.feature_snapshot_interval_s
+            if snapshot_interval_s is None
             else snapshot_interval_s
         )
+        self.flush_interval_s = settings.feature_flush_interval_ms / 1000
+        self.item_flush_interval_s = settings.feature_item_flush_interval_ms / 1000
         self.stats = WriterStats()
         self._path = snapshot_path(settings)
         self._sequence = 0
@@ -149,6 +163,12 @@ class FeatureWriter:
         self._last_snapshot = time.monotonic()
         self._offline_users: list[dict[str, Any]] = []
         self._offline_items: list[dict[str, Any]] = []
+        # Entities changed since the last online write: under load one row per entity per
+        # flush instead of one per batch, the main lever on write volume.
+        self._dirty_users: set[str] = set()
+        self._dirty_items: set[str] = set()
+        self._unwritten_ts: list[float] = []
+        self._users_flushed = self._items_flushed = time.monotonic()
 
     # -- consumer hooks ----------------------------------------------------------------
     def decode(self, raw: bytes) -> Event | Item:
@@ -171,8 +191,9 @@ class FeatureWriter:
             self._committed = dict(offsets)
             self._offline_users.clear()
             self._offline_items.clear()
-            log.info("restored feature state of snapshot %d (%d partitions)",
-                     sequence, len(offsets))
+            log.info(
+                "restored feature state of snapshot %d (%d partitions)", sequence, len(offsets)
+            )
         return {tp: offsets.get(tp) for tp in assigned}
 
     def handle(self, batch: list[Message[Event | Item]]) -> list[Failure]:
@@ -192,32 +213,69 @@ class FeatureWriter:
         return []
 
     def release(self) -> None:
-        """Apply what event-time alignment lets through and write the changed rows."""
-        if self._consumer is None or not len(self._aligner):
-            return
-        events_topic = self.settings.topic_events
-        assigned = {tp for tp in self._consumer.assignment() if tp.topic == events_topic}
-        released = self._aligner.release(assigned, self._consumer.caught_up)
-        if not released:
-            return
-        events = [r.value for r in released]
-        result = self.engine.apply(events)
-        user_rows = [self.engine.user_row(u) for u in result.changed_users]
-        item_rows = [self.engine.item_row(i) for i in result.changed_items]
-        if user_rows:
-            self.writer.write(USER_VIEW.name, user_rows)
-        if item_rows:
-            self.writer.write(ITEM_VIEW.name, item_rows)
+        """Apply what event-time alignment lets through; write rows when the flush is due."""
+        if self._consumer is not None and len(self._aligner):
+            events_topic = self.settings.topic_events
+            assigned = {tp for tp in self._consumer.assignment() if tp.topic == events_topic}
+            released = self._aligner.release(assigned, self._consumer.caught_up)
+            if released:
+                events = [r.value for r in released]
+                result = self.engine.apply(events)
+                self._dirty_users |= result.changed_users
+                self._dirty_items |= result.changed_items
+                self._unwritten_ts.extend(e.ts.timestamp() for e in events)
+                self.stats.events += result.users.applied
+                self.stats.duplicates += result.users.duplicates
+                self.stats.too_late += result.users.too_late
+                FEATURE_EVENTS.labels("applied").inc(result.users.applied)
+                FEATURE_EVENTS.labels("duplicate").inc(result.users.duplicates)
+                FEATURE_EVENTS.labels("too_late").inc(result.users.too_late)
+        drained = self._drained()
+        now = time.monotonic()
+        if self._unwritten_ts and (drained or now - self._users_flushed >= self.flush_interval_s):
+            self._flush_users()
+        if self._dirty_items and (
+            drained or now - self._items_flushed >= self.item_flush_interval_s
+        ):
+            self._flush_items()
+
+    def _drained(self) -> bool:
+        if self._consumer is None:
+            return True
+        caught_up = self._consumer.caught_up
+        return not len(self._aligner) and all(caught_up(tp) for tp in self._consumer.assignment())
+
+    def flush(self) -> None:
+        """Write the rows of every entity changed since the last write, once each."""
+        self._flush_users()
+        self._flush_items()
+
+    def _flush_users(self) -> None:
+        rows = [self.engine.user_row(u) for u in self._dirty_users]
+        if rows:
+            self.writer.write(USER_VIEW.name, rows)
+            self._offline_users.extend(rows)
+            self.stats.user_rows += len(rows)
+            FEATURE_ROWS.labels(USER_VIEW.name).inc(len(rows))
         written = time.time()
-        self._offline_users.extend(user_rows)
-        self._offline_items.extend(item_rows)
-        stats = self.stats
-        stats.events += result.users.applied
-        stats.duplicates += result.users.duplicates
-        stats.too_late += result.users.too_late
-        stats.user_rows += len(user_rows)
-        stats.item_rows += len(item_rows)
-        stats.freshness_ms.extend((written - e.ts.timestamp()) * 1000 for e in events)
+        # Freshness is the user view's: what the ranker needs within a second of a click.
+        delays = [written - ts for ts in self._unwritten_ts]
+        self.stats.freshness_ms.extend(d * 1000 for d in delays)
+        for d in delays:
+            FRESHNESS.observe(d)
+        self._dirty_users.clear()
+        self._unwritten_ts.clear()
+        self._users_flushed = time.monotonic()
+
+    def _flush_items(self) -> None:
+        rows = [self.engine.item_row(i) for i in self._dirty_items]
+        if rows:
+            self.writer.write(ITEM_VIEW.name, rows)
+            self._offline_items.extend(rows)
+            self.stats.item_rows += len(rows)
+            FEATURE_ROWS.labels(ITEM_VIEW.name).inc(len(rows))
+        self._dirty_items.clear()
+        self._items_flushed = time.monotonic()
 
     def after_commit(self, positions: dict[TopicPartition, int]) -> None:
         self._committed.update(positions)
@@ -235,7 +293,8 @@ class FeatureWriter:
 
     # -- state ---------------------------------------------------------------------------
     def snapshot(self) -> None:
-        """Flush the offline log part of this interval, then persist state + offsets."""
+        """Write pending rows and this interval's offline log part, then state + offsets."""
+        self.flush()
         part = f"s{self._sequence:010d}"
         if self._offline_users:
             self.writer.append_offline(USER_VIEW.name, self._offline_users, part=part)
@@ -252,23 +311,53 @@ class FeatureWriter:
     def consumer(self) -> StreamConsumer[Event | Item]:
         s = self.settings
         self._consumer = StreamConsumer(
-            s, [s.topic_events, s.topic_items], s.feature_writer_group,
-            self.decode, self.handle, on_assign=self.on_assign, after_commit=self.after_commit,
+            s,
+            [s.topic_events, s.topic_items],
+            s.feature_writer_group,
+            self.decode,
+            self.handle,
+            on_assign=self.on_assign,
+            after_commit=self.after_commit,
             on_idle=self.release,
             # Smaller per-partition fetches keep partitions close in event time (alignment).
             consumer_config={"max_partition_fetch_bytes": 512 * 1024},
         )
         return self._consumer
 
-    def run(self, *, max_idle_s: float | None = None, install_signals: bool = True,
-            consumer: StreamConsumer[Event | Item] | None = None) -> WriterStats:
+    def status(self) -> dict[str, Any]:
+        """Worker-specific fields of the periodic status line."""
+        recent = list(self.stats.freshness_ms)[-20_000:]
+        out: dict[str, Any] = {
+            "events": self.stats.events,
+            "too_late": self.stats.too_late,
+            "duplicates": self.stats.duplicates,
+            "user_rows": self.stats.user_rows,
+            "item_rows": self.stats.item_rows,
+        }
+        if recent:
+            recent.sort()
+            out["freshness_p50_ms"] = round(recent[len(recent) // 2], 1)
+            out["freshness_p99_ms"] = round(recent[int(len(recent) * 0.99)], 1)
+        return out
+
+    def run(
+        self,
+        *,
+        max_idle_s: float | None = None,
+        install_signals: bool = True,
+        consumer: StreamConsumer[Event | Item] | None = None,
+        metrics_port: int = 0,
+    ) -> WriterStats:
         """Consume until SIGTERM (or ``max_idle_s`` without input); snapshot on the way out."""
         consumer = consumer or self._consumer or self.consumer()
         if install_signals:
             consumer.install_signal_handlers()
+        reporter = WorkerReporter("features", consumer.stats, extra=self.status)
+        reporter.start(metrics_port)
         try:
             consumer.run(max_idle_s=max_idle_s)
         finally:
+            reporter.stop()
             if self._committed:
                 self.snapshot()
             self.writer.close()

@@ -128,7 +128,8 @@ def worker_archiver(
     from streaming.archiver import run_archiver
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    summary = run_archiver(get_settings(), max_idle_s=max_idle_s)
+    settings = get_settings()
+    summary = run_archiver(settings, max_idle_s=max_idle_s, metrics_port=settings.metrics_port)
     typer.echo(json.dumps(summary))
 
 
@@ -149,7 +150,7 @@ def worker_features(
     if not registry_exists(settings):
         typer.echo("no Feast registry yet: applying feature_repo/ first", err=True)
         apply_repo(settings)
-    stats = FeatureWriter(settings).run(max_idle_s=max_idle_s)
+    stats = FeatureWriter(settings).run(max_idle_s=max_idle_s, metrics_port=settings.metrics_port)
     typer.echo(
         json.dumps(
             {
@@ -212,7 +213,7 @@ def api(
 @app.command("demo")
 def demo(
     events: Annotated[int, typer.Option(help="How many simulated events to stream.")] = 20_000,
-    rate: Annotated[float, typer.Option(help="Target events/s (0 = as fast as possible).")] = 0,
+    rate: Annotated[float, typer.Option(help="Events per second to stream.", min=1)] = 2000,
     keep_kafka: Annotated[bool, typer.Option(help="Leave the broker running afterwards.")] = False,
 ) -> None:
     """Run the local pipeline end to end on embedded defaults and print a summary."""

@@ -1,60 +1,116 @@
 """``streamrec demo``: the local pipeline end to end, with live progress and a summary.
 
-Today the demo runs the event backbone: a real Kafka broker, the simulator streaming
-events (and a few deliberately broken records) into it, and a consumer-group worker reading
-them back through the same runtime every production worker uses. Later stages (features,
-batch, training, serving) plug in here as they land.
+What runs (all on embedded defaults, state under ``$STREAMREC_HOME``):
+
+1. a real Kafka broker (KRaft), started unless one already answers;
+2. the Feast repository, applied (SQLite online store, Parquet offline store);
+3. the two stream workers as separate processes, as in production: the feature writer
+   and the archiver (logs in ``$STREAMREC_HOME/logs/``);
+4. the simulator streaming live events (and a few deliberately broken records) into
+   Kafka at a steady rate, while a probe measures how long each probed event takes to
+   show up in Feast's online store.
+
+At the end it prints what arrived where — events archived, features online, records
+dead-lettered and why — and the measured freshness. Later stages (batch, training,
+serving) plug in here as they land. Ctrl-C stops everything cleanly.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
-import statistics
+import subprocess
+import sys
 import threading
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from pathlib import Path
 
-from kafka import KafkaProducer
+import numpy as np
+import pyarrow.dataset as ds
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
+from streaming.archiver import events_dir
 from streaming.broker import LocalKafka, broker_answers
-from streaming.consumer import Failure, Message, StreamConsumer
 from streaming.dlq import read_dlq
 from streaming.producer import EventProducer
 from streaming.simulator import Simulator, SimulatorConfig
 from streaming.topics import ensure_topics, stream_topics
-from streamrec.contract import Event, Item, parse_event
+from streamrec.contract import Event, Item
 from streamrec.settings import Settings
 
 BROKEN_RECORDS = [
     b"{not json",
-    json.dumps({"event_id": "not-a-uuid", "event_type": "view", "user_id": "u1",
-                "item_id": "i1", "ts": "2026-01-01T00:00:00Z"}).encode(),
-    json.dumps({"event_id": str(uuid.uuid4()), "event_type": "view", "user_id": "u1",
-                "item_id": "i1", "ts": "2026-01-01 00:00:00"}).encode(),
+    json.dumps(
+        {
+            "event_id": "not-a-uuid",
+            "event_type": "view",
+            "user_id": "u1",
+            "item_id": "i1",
+            "ts": "2026-01-01T00:00:00Z",
+        }
+    ).encode(),
+    json.dumps(
+        {
+            "event_id": str(uuid.uuid4()),
+            "event_type": "view",
+            "user_id": "u1",
+            "item_id": "i1",
+            "ts": "2026-01-01 00:00:00",
+        }
+    ).encode(),
 ]
-
-
-@dataclass
-class _Tally:
-    """What the demo worker saw; shared between the worker thread and the reporter."""
-
-    by_type: Counter[str] = field(default_factory=Counter)
-    users: set[str] = field(default_factory=set)
-    latencies_ms: list[float] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def total(self) -> int:
-        with self.lock:
-            return sum(self.by_type.values())
 
 
 def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
+
+
+@dataclass
+class _Probe:
+    """Measures produce → readable-online for sampled events, from outside the workers."""
+
+    settings: Settings
+    delays_ms: list[float] = field(default_factory=list)
+    _pending: list[Event] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def watch(self, event: Event) -> None:
+        with self._lock:
+            if len(self._pending) < 20:
+                self._pending.append(event)
+
+    def run(self) -> None:
+        from features.definitions import USER_VIEW
+        from features.store import OnlineFeatureReader
+
+        reader = OnlineFeatureReader(self.settings)
+        ref = [f"{USER_VIEW.name}:last_event_ts"]
+        try:
+            while not self._stop.is_set():
+                with self._lock:
+                    pending = list(self._pending)
+                if pending:
+                    got = reader.read(ref, {USER_VIEW.join_key: [e.user_id for e in pending]})
+                    now = time.time()
+                    done = [
+                        e
+                        for e, ts in zip(pending, got["last_event_ts"], strict=True)
+                        if ts is not None and ts >= e.ts.timestamp() - 1e-6
+                    ]
+                    with self._lock:
+                        for e in done:
+                            self.delays_ms.append((now - e.ts.timestamp()) * 1000)
+                            self._pending.remove(e)
+                time.sleep(0.01)
+        finally:
+            reader.close()
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def _ensure_broker(settings: Settings) -> LocalKafka | None:
@@ -63,9 +119,12 @@ def _ensure_broker(settings: Settings) -> LocalKafka | None:
         _say(f"using the Kafka broker already answering at {settings.kafka_bootstrap}")
         return None
     broker = LocalKafka(
-        home=settings.kafka_home, port=settings.kafka_local_port,
-        controller_port=settings.kafka_local_controller_port, cache_dir=settings.cache_dir,
-        heap=settings.kafka_local_heap, partitions=settings.topic_partitions,
+        home=settings.kafka_home,
+        port=settings.kafka_local_port,
+        controller_port=settings.kafka_local_controller_port,
+        cache_dir=settings.cache_dir,
+        heap=settings.kafka_local_heap,
+        partitions=settings.topic_partitions,
     )
     _say(f"starting a local Kafka broker (KRaft) on {broker.bootstrap} …")
     started = time.monotonic()
@@ -74,19 +133,72 @@ def _ensure_broker(settings: Settings) -> LocalKafka | None:
     return broker
 
 
+def _start_worker(settings: Settings, name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    logs = settings.home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child process
+    return subprocess.Popen(
+        [sys.executable, "-m", "streamrec", "worker", name],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _group_lag(bootstrap: str, group: str, topic: str) -> int | None:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), client_id="demo-lag")
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), client_id="demo-lag")
+    try:
+        committed = admin.list_consumer_group_offsets(group)
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+        ends = consumer.end_offsets(parts)
+        if not any(tp in committed for tp in parts):
+            return None
+        return sum(ends[tp] - (committed[tp].offset if tp in committed else 0) for tp in parts)
+    finally:
+        consumer.close()
+        admin.close()
+
+
 def run_demo(settings: Settings, *, n_events: int, rate: float, keep_kafka: bool) -> int:
     """Run the demo; returns a process exit code (0 when every record was accounted for)."""
+    from features.store import apply_repo
+
     broker = _ensure_broker(settings)
-    settings = settings.model_copy(
-        update={"kafka_bootstrap": broker.bootstrap if broker else settings.kafka_bootstrap}
-    )
+    if broker is not None:
+        settings = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})
+    settings = settings.model_copy(update={"home": settings.home.resolve()})
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    workers: dict[str, subprocess.Popen[bytes]] = {}
     try:
         ensure_topics(settings.kafka_bootstrap, stream_topics(settings), settings.topic_partitions)
-        return _run(settings, n_events=n_events, rate=rate, stop=stop)
+        _say("applying the Feast feature repository (SQLite online store, Parquet offline) …")
+        apply_repo(settings)
+        env = {
+            **os.environ,
+            "STREAMREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "STREAMREC_HOME": str(settings.home),
+        }
+        for name in ("features", "archiver"):
+            workers[name] = _start_worker(settings, name, env)
+        _say(
+            f"started the feature writer (pid {workers['features'].pid}) and the archiver "
+            f"(pid {workers['archiver'].pid}); logs in {settings.home / 'logs'}"
+        )
+        return _run(settings, n_events=n_events, rate=rate, stop=stop, workers=workers)
     finally:
         signal.signal(signal.SIGINT, previous)
+        for proc in workers.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name, proc in workers.items():
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                _say(f"{name} did not stop in time; killing it")
+                proc.kill()
         if broker is not None and not keep_kafka:
             _say("stopping Kafka …")
             broker.stop()
@@ -94,50 +206,48 @@ def run_demo(settings: Settings, *, n_events: int, rate: float, keep_kafka: bool
             _say(f"Kafka keeps running at {broker.bootstrap}; stop it with 'streamrec kafka down'")
 
 
-def _run(settings: Settings, *, n_events: int, rate: float, stop: threading.Event) -> int:
-    tally = _Tally()
-    group = f"demo-{uuid.uuid4().hex[:6]}"
-
-    def handle(batch: list[Message[Event]]) -> list[Failure]:
-        now_ms = time.time() * 1000
-        with tally.lock:
-            for m in batch:
-                tally.by_type[m.value.event_type.value] += 1
-                tally.users.add(m.value.user_id)
-                tally.latencies_ms.append(now_ms - m.timestamp_ms)
-        return []
-
-    consumer = StreamConsumer(settings, [settings.topic_events], group, parse_event, handle)
-    worker = threading.Thread(target=consumer.run, name="demo-worker", daemon=True)
-    worker.start()
-
-    sim = Simulator(SimulatorConfig(seed=7, live=True))
-    _say(f"streaming {n_events:,} simulated events into '{settings.topic_events}'"
-         + (f" at {rate:,.0f} events/s" if rate else " as fast as possible")
-         + f", plus {len(BROKEN_RECORDS)} broken records to show the dead-letter path")
-    produced_events = produced_items = 0
-    started = time.monotonic()
-    last_report = started
-    with EventProducer(settings.kafka_bootstrap, settings.topic_events,
-                       settings.topic_items) as producer:
+def _run(
+    settings: Settings,
+    *,
+    n_events: int,
+    rate: float,
+    stop: threading.Event,
+    workers: dict[str, subprocess.Popen[bytes]],
+) -> int:
+    probe = _Probe(settings)
+    prober = threading.Thread(target=probe.run, name="freshness-probe", daemon=True)
+    prober.start()
+    sim = Simulator(SimulatorConfig(seed=int(time.time()) % 10_000, live=True))
+    _say(
+        f"streaming {n_events:,} live simulated events into '{settings.topic_events}' at "
+        f"{rate:,.0f} events/s, plus {len(BROKEN_RECORDS)} broken records (dead-letter path)"
+    )
+    produced = items = 0
+    ids: set[str] = set()
+    started = last_report = time.monotonic()
+    with EventProducer(
+        settings.kafka_bootstrap, settings.topic_events, settings.topic_items
+    ) as producer:
         for rec in sim.events(n_events):
             if stop.is_set():
                 break
             if isinstance(rec, Item):
                 producer.send_item(rec)
-                produced_items += 1
+                items += 1
                 continue
             producer.send(rec)
-            produced_events += 1
-            if rate:
-                ahead = produced_events / rate - (time.monotonic() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
+            ids.add(rec.event_id)
+            produced += 1
+            if produced % 97 == 0:
+                producer.flush()
+                probe.watch(rec)
+            ahead = produced / rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
             now = time.monotonic()
             if now - last_report >= 2:
                 last_report = now
-                _say(f"produced {produced_events:,} · consumed {tally.total:,} · "
-                     f"{produced_events / (now - started):,.0f} events/s")
+                _progress(settings, produced, now - started, probe)
     produce_s = time.monotonic() - started
     raw = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap.split(","), acks="all")
     for bad in BROKEN_RECORDS:
@@ -145,33 +255,70 @@ def _run(settings: Settings, *, n_events: int, rate: float, stop: threading.Even
     raw.flush()
     raw.close()
 
-    deadline = time.monotonic() + 60
-    while tally.total < produced_events and time.monotonic() < deadline and not stop.is_set():
-        time.sleep(0.2)
-    while consumer.stats.dead_lettered < len(BROKEN_RECORDS) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    consumer.stop()
-    worker.join(timeout=30)
-    return _summary(settings, tally, consumer.stats.dead_lettered, produced_events,
-                    produced_items, produce_s)
+    _say("waiting for the workers to drain …")
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not stop.is_set():
+        lags = [
+            _group_lag(settings.kafka_bootstrap, g, settings.topic_events)
+            for g in (settings.feature_writer_group, settings.archiver_group)
+        ]
+        if all(lag == 0 for lag in lags):
+            break
+        if any(p.poll() is not None for p in workers.values()):
+            _say("a worker exited early; see its log")
+            break
+        time.sleep(1)
+    time.sleep(1.5)  # the archiver's last batch, the probe's last reads
+    probe.stop()
+    for proc in workers.values():
+        proc.send_signal(signal.SIGTERM)
+    for proc in workers.values():
+        proc.wait(timeout=60)
+    return _summary(settings, ids, items, produce_s, probe)
 
 
-def _summary(settings: Settings, tally: _Tally, dead: int, produced: int, items: int,
-             produce_s: float) -> int:
-    lat = sorted(tally.latencies_ms)
-    p50 = statistics.median(lat) if lat else float("nan")
-    p99 = lat[int(0.99 * (len(lat) - 1))] if lat else float("nan")
+def _progress(settings: Settings, produced: int, elapsed: float, probe: _Probe) -> None:
+    lag = _group_lag(settings.kafka_bootstrap, settings.feature_writer_group, settings.topic_events)
+    fresh = f"{np.percentile(probe.delays_ms, 50):.0f} ms" if probe.delays_ms else "…"
+    _say(
+        f"produced {produced:,} ({produced / elapsed:,.0f}/s) · feature-writer lag "
+        f"{'…' if lag is None else f'{lag:,}'} · event→online p50 {fresh}"
+    )
+
+
+def _archived(settings: Settings, ids: set[str]) -> int:
+    """How many of this run's events are in the archive (earlier runs share the folder)."""
+    root: Path = events_dir(settings)
+    if not root.exists():
+        return 0
+    table = ds.dataset(root, format="parquet", partitioning="hive").to_table(columns=["event_id"])
+    return len(ids.intersection(table.column("event_id").to_pylist()))
+
+
+def _summary(settings: Settings, ids: set[str], items: int, produce_s: float, probe: _Probe) -> int:
+    produced = len(ids)
+    dead = read_dlq(settings, settings.topic_events, limit=100)
+    ours = [d for d in dead if d.get("group") == settings.archiver_group]
+    archived = _archived(settings, ids)
+    delays = np.array(probe.delays_ms) if probe.delays_ms else np.array([np.nan])
     _say("summary")
-    print(f"  events produced      {produced:>10,}  ({produced / max(produce_s, 1e-9):,.0f}/s)")
-    print(f"  catalog items        {items:>10,}")
-    print(f"  events consumed      {tally.total:>10,}  by type: {dict(tally.by_type)}")
-    print(f"  distinct users       {len(tally.users):>10,}")
-    print(f"  produce→consume      p50 {p50:,.0f} ms · p99 {p99:,.0f} ms")
-    print(f"  dead-lettered        {dead:>10,}  (the {len(BROKEN_RECORDS)} broken records)")
-    for rec in read_dlq(settings, settings.topic_events, limit=len(BROKEN_RECORDS)):
+    print(
+        f"  events produced       {produced:>10,}  ({produced / max(produce_s, 1e-9):,.0f}/s)"
+        f", catalog items {items:,}"
+    )
+    print(f"  events archived       {archived:>10,}  (Parquet under {events_dir(settings)})")
+    print(
+        f"  event → online        p50 {np.percentile(delays, 50):,.0f} ms · "
+        f"p99 {np.percentile(delays, 99):,.0f} ms  ({len(probe.delays_ms)} probed events, "
+        f"read back through Feast)"
+    )
+    print(f"  dead-lettered         {len(ours):>10,}  (reasons, as recorded in headers):")
+    for rec in ours[: len(BROKEN_RECORDS)]:
         print(f"    - {rec['error'][:110]}")
-    ok = tally.total == produced and dead == len(BROKEN_RECORDS)
-    print(f"  result               {'OK: every record accounted for' if ok else 'INCOMPLETE'}"
-          f"  ({datetime.now(UTC):%H:%M:%S} UTC)")
+    ok = archived == produced and len(ours) >= len(BROKEN_RECORDS) and bool(probe.delays_ms)
+    print(f"  result                {'OK: every record accounted for' if ok else 'INCOMPLETE'}")
+    print(
+        f"  look around           streamrec dlq show events · "
+        f"{settings.home / 'logs'} · {settings.home / 'offline'}"
+    )
     return 0 if ok else 1
-

@@ -63,9 +63,23 @@ class Settings(BaseSettings):
         description="Events older than an entity's newest by more than this are too late "
         "for real-time features (still archived). Dedup memory grows with it.",
     )
+    feature_flush_interval_ms: float = Field(
+        200.0, ge=0,
+        description="Under load, the feature writer writes each changed entity at most once "
+        "per interval (coalescing); idle input is written at once.",
+    )
+    feature_item_flush_interval_ms: float = Field(
+        1000.0, ge=0,
+        description="The same for item rows (an impression touches many items; their "
+        "hour/day counts move slowly).",
+    )
     feature_snapshot_interval_s: float = Field(
         30.0, gt=0,
         description="How often the feature writer persists state + offsets (bounds replay).",
+    )
+
+    metrics_port: int = Field(
+        0, ge=0, description="Port of a worker's Prometheus /metrics endpoint (0: off)."
     )
 
     # --- Local broker (`streamrec kafka up`) ---------------------------------------------
@@ -120,6 +134,16 @@ class Settings(BaseSettings):
         ge=1000,
         description="How long the API waits for Kafka to acknowledge a batch before "
         "reporting its records as failed (503).",
+    )
+
+    # --- Batch jobs (Spark) ---------------------------------------------------------------
+    spark_master: str = Field(
+        "local[*]",
+        description="Spark master of the batch jobs: local[*] (this machine, all cores), "
+        "spark://host:7077, yarn, ...",
+    )
+    spark_driver_memory: str = Field(
+        "2g", description="JVM heap of the Spark driver (all of a local run's memory)."
     )
 
     def dlq_topic(self, topic: str) -> str:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,3 +56,54 @@ def kafka_settings(kafka_broker: LocalKafka, tmp_path: Path) -> Settings:
         topic_impressions=f"impressions-{suffix}",
         home=tmp_path / "streamrec",
     )
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private ``redis-server`` on a free port for the session (the Redis online store).
+
+    Skips the Redis variants with the reason when the binary is absent; ``./run test``
+    installs Debian's redis-server where it can.
+    """
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not on PATH (Debian: apt-get install redis-server)")
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    server = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--appendonly", "no",
+         "--save", "", "--dir", str(folder)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = redis.Redis(port=port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        client.close()
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def online_store_settings(
+    request: pytest.FixtureRequest, kafka_settings: Settings
+) -> Settings:
+    """``kafka_settings`` with each online store in turn (Redis flushed for the test)."""
+    if request.param == "sqlite":
+        return kafka_settings
+    import redis
+
+    url = request.getfixturevalue("redis_url")
+    redis.Redis.from_url(url).flushdb()
+    return kafka_settings.model_copy(update={"online_store": "redis", "redis_url": url})

@@ -7,10 +7,7 @@ only when the binary is absent.
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,48 +32,10 @@ from features.store import (
     registry_exists,
     repo_config,
 )
-from streaming.broker import free_port
 from streamrec.contract import Event, Item
 from streamrec.settings import Settings
 
 T0 = datetime(2026, 1, 2, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not on PATH (Debian: apt-get install redis-server)")
-    port = free_port()
-    folder = tmp_path_factory.mktemp("redis")
-    server = subprocess.Popen(
-        [
-            binary,
-            *f"--port {port} --bind 127.0.0.1 --appendonly no".split(),
-            "--save",
-            "",
-            "--dir",
-            str(folder),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        client = redis.Redis(port=port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.05)
-        client.close()
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 @dataclass
