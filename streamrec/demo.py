@@ -41,27 +41,15 @@ from streaming.topics import ensure_topics, stream_topics
 from streamrec.contract import Event, Item
 from streamrec.settings import Settings
 
-BROKEN_RECORDS = [
-    b"{not json",
-    json.dumps(
-        {
-            "event_id": "not-a-uuid",
-            "event_type": "view",
-            "user_id": "u1",
-            "item_id": "i1",
-            "ts": "2026-01-01T00:00:00Z",
-        }
-    ).encode(),
-    json.dumps(
-        {
-            "event_id": str(uuid.uuid4()),
-            "event_type": "view",
-            "user_id": "u1",
-            "item_id": "i1",
-            "ts": "2026-01-01 00:00:00",
-        }
-    ).encode(),
-]
+
+def broken_records(run: str) -> list[bytes]:
+    """Three invalid records, tagged with the run so the summary finds this run's."""
+    base = {"event_type": "view", "user_id": f"demo-{run}", "item_id": "i1"}
+    return [
+        f"{{not json, demo-{run}".encode(),
+        json.dumps({**base, "event_id": "not-a-uuid", "ts": "2026-01-01T00:00:00Z"}).encode(),
+        json.dumps({**base, "event_id": str(uuid.uuid4()), "ts": "2026-01-01 00:00:00"}).encode(),
+    ]
 
 
 def _say(msg: str) -> None:
@@ -150,7 +138,7 @@ def _group_lag(bootstrap: str, group: str, topic: str) -> int | None:
     admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), client_id="demo-lag")
     consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), client_id="demo-lag")
     try:
-        committed = admin.list_consumer_group_offsets(group)
+        committed = admin.list_group_offsets(group).get(group, {})
         parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
         ends = consumer.end_offsets(parts)
         if not any(tp in committed for tp in parts):
@@ -158,6 +146,30 @@ def _group_lag(bootstrap: str, group: str, topic: str) -> int | None:
         return sum(ends[tp] - (committed[tp].offset if tp in committed else 0) for tp in parts)
     finally:
         consumer.close()
+        admin.close()
+
+
+def _wait_until_consuming(
+    settings: Settings, workers: dict[str, subprocess.Popen[bytes]], timeout_s: float = 120
+) -> bool:
+    """Wait until both workers' consumer groups are stable (Feast import + group join)."""
+    groups = [settings.feature_writer_group, settings.archiver_group]
+    admin = KafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap.split(","), client_id="demo-ready"
+    )
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in workers.values()):
+                return False
+            described = admin.describe_groups(groups)
+            if all(
+                described[g]["group_state"] == "Stable" and described[g]["members"] for g in groups
+            ):
+                return True
+            time.sleep(0.5)
+        return False
+    finally:
         admin.close()
 
 
@@ -187,6 +199,10 @@ def run_demo(settings: Settings, *, n_events: int, rate: float, keep_kafka: bool
             f"started the feature writer (pid {workers['features'].pid}) and the archiver "
             f"(pid {workers['archiver'].pid}); logs in {settings.home / 'logs'}"
         )
+        if not _wait_until_consuming(settings, workers):
+            _say(f"the workers did not start consuming; see {settings.home / 'logs'}")
+            return 1
+        _say("both workers are consuming")
         return _run(settings, n_events=n_events, rate=rate, stop=stop, workers=workers)
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -214,13 +230,15 @@ def _run(
     stop: threading.Event,
     workers: dict[str, subprocess.Popen[bytes]],
 ) -> int:
+    run = uuid.uuid4().hex[:8]
+    broken = broken_records(run)
     probe = _Probe(settings)
     prober = threading.Thread(target=probe.run, name="freshness-probe", daemon=True)
     prober.start()
     sim = Simulator(SimulatorConfig(seed=int(time.time()) % 10_000, live=True))
     _say(
         f"streaming {n_events:,} live simulated events into '{settings.topic_events}' at "
-        f"{rate:,.0f} events/s, plus {len(BROKEN_RECORDS)} broken records (dead-letter path)"
+        f"{rate:,.0f} events/s, plus {len(broken)} broken records (dead-letter path)"
     )
     produced = items = 0
     ids: set[str] = set()
@@ -250,7 +268,7 @@ def _run(
                 _progress(settings, produced, now - started, probe)
     produce_s = time.monotonic() - started
     raw = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap.split(","), acks="all")
-    for bad in BROKEN_RECORDS:
+    for bad in broken:
         raw.send(settings.topic_events, key=b"demo", value=bad)
     raw.flush()
     raw.close()
@@ -274,7 +292,7 @@ def _run(
         proc.send_signal(signal.SIGTERM)
     for proc in workers.values():
         proc.wait(timeout=60)
-    return _summary(settings, ids, items, produce_s, probe)
+    return _summary(settings, run, ids, items, produce_s, probe)
 
 
 def _progress(settings: Settings, produced: int, elapsed: float, probe: _Probe) -> None:
@@ -295,10 +313,16 @@ def _archived(settings: Settings, ids: set[str]) -> int:
     return len(ids.intersection(table.column("event_id").to_pylist()))
 
 
-def _summary(settings: Settings, ids: set[str], items: int, produce_s: float, probe: _Probe) -> int:
+def _summary(
+    settings: Settings, run: str, ids: set[str], items: int, produce_s: float, probe: _Probe
+) -> int:
     produced = len(ids)
-    dead = read_dlq(settings, settings.topic_events, limit=100)
-    ours = [d for d in dead if d.get("group") == settings.archiver_group]
+    dead = read_dlq(settings, settings.topic_events, limit=10_000)
+    ours = [
+        d
+        for d in dead
+        if d.get("group") == settings.archiver_group and f"demo-{run}" in d.get("value", "")
+    ]
     archived = _archived(settings, ids)
     delays = np.array(probe.delays_ms) if probe.delays_ms else np.array([np.nan])
     _say("summary")
@@ -313,9 +337,9 @@ def _summary(settings: Settings, ids: set[str], items: int, produce_s: float, pr
         f"read back through Feast)"
     )
     print(f"  dead-lettered         {len(ours):>10,}  (reasons, as recorded in headers):")
-    for rec in ours[: len(BROKEN_RECORDS)]:
+    for rec in ours:
         print(f"    - {rec['error'][:110]}")
-    ok = archived == produced and len(ours) >= len(BROKEN_RECORDS) and bool(probe.delays_ms)
+    ok = archived == produced and len(ours) == 3 and bool(probe.delays_ms)
     print(f"  result                {'OK: every record accounted for' if ok else 'INCOMPLETE'}")
     print(
         f"  look around           streamrec dlq show events · "
