@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from features.store import apply_repo
-from streaming.broker import LocalKafka, free_port
+from streaming.broker import LocalKafka
 from streaming.feature_writer import FeatureWriter
 from streaming.producer import EventProducer
 from streaming.simulator import Simulator, SimulatorConfig
@@ -188,12 +188,8 @@ def main() -> None:
         broker = None
         bootstrap = args.bootstrap
         if not bootstrap:
-            broker = LocalKafka(
-                home / "kafka",
-                port=free_port(),
-                controller_port=free_port(),
-                cache_dir=Settings().cache_dir,
-                heap="1g",
+            broker = LocalKafka.on_free_ports(
+                home / "kafka", cache_dir=Settings().cache_dir, heap="1g"
             )
             log("starting a local broker …")
             broker.start(quiet=True)

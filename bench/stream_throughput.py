@@ -26,7 +26,7 @@ from pathlib import Path
 
 from kafka import KafkaConsumer
 
-from streaming.broker import LocalKafka, free_port
+from streaming.broker import LocalKafka
 from streaming.consumer import Failure, Message, StreamConsumer
 from streaming.producer import EventProducer
 from streaming.simulator import Simulator, SimulatorConfig
@@ -109,13 +109,7 @@ def main() -> None:
         result = measure(args.bootstrap, args.events, args.partitions)
     else:
         with tempfile.TemporaryDirectory() as home:
-            broker = LocalKafka(
-                Path(home),
-                port=free_port(),
-                controller_port=free_port(),
-                cache_dir=Settings().cache_dir,
-                heap="1g",
-            )
+            broker = LocalKafka.on_free_ports(Path(home), cache_dir=Settings().cache_dir, heap="1g")
             log("starting a local broker …")
             broker.start(quiet=True)
             try:

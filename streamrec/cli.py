@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from streamrec.settings import Settings, get_settings
-
-if TYPE_CHECKING:
-    from streaming.broker import LocalKafka
 
 app = typer.Typer(
     name="streamrec",
@@ -39,28 +36,14 @@ app.add_typer(worker_app, name="worker")
 app.add_typer(feast_app, name="feast")
 
 
-def _local_kafka(settings: Settings) -> LocalKafka:
-    # Imported here, like every heavy dependency of a sub-command, to keep `--help` instant.
-    from streaming.broker import LocalKafka
-
-    return LocalKafka(
-        home=settings.kafka_home,
-        port=settings.kafka_local_port,
-        controller_port=settings.kafka_local_controller_port,
-        cache_dir=settings.cache_dir,
-        heap=settings.kafka_local_heap,
-        partitions=settings.topic_partitions,
-    )
-
-
 @kafka_app.command("up")
 def kafka_up() -> None:
     """Start the local broker (fetching its jars once) and create streamrec's topics."""
-    from streaming.broker import BrokerError
+    from streaming.broker import BrokerError, LocalKafka
     from streaming.topics import ensure_topics, stream_topics
 
     settings = get_settings()
-    broker = _local_kafka(settings)
+    broker = LocalKafka.from_settings(settings)
     try:
         broker.start()
     except BrokerError as exc:
@@ -74,7 +57,9 @@ def kafka_up() -> None:
 @kafka_app.command("down")
 def kafka_down() -> None:
     """Stop the local broker cleanly."""
-    stopped = _local_kafka(get_settings()).stop()
+    from streaming.broker import LocalKafka
+
+    stopped = LocalKafka.from_settings(get_settings()).stop()
     typer.echo("Kafka stopped" if stopped else "Kafka was not running")
 
 
@@ -116,36 +101,35 @@ def dlq_show(
         typer.echo(json.dumps(rec, ensure_ascii=False))
 
 
-@worker_app.command("archiver")
-def worker_archiver(
-    max_idle_s: Annotated[
-        float | None, typer.Option(help="Exit after this long without input (default: never).")
-    ] = None,
-) -> None:
-    """Archive valid events and catalog records into the Parquet event log, exactly once."""
+MaxIdle = Annotated[
+    float | None, typer.Option(help="Exit after this long without input (default: never).")
+]
+
+
+def _worker_logging() -> None:
     import logging
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+@worker_app.command("archiver")
+def worker_archiver(max_idle_s: MaxIdle = None) -> None:
+    """Archive valid events and catalog records into the Parquet event log, exactly once."""
     from streaming.archiver import run_archiver
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    _worker_logging()
     settings = get_settings()
     summary = run_archiver(settings, max_idle_s=max_idle_s, metrics_port=settings.metrics_port)
     typer.echo(json.dumps(summary))
 
 
 @worker_app.command("features")
-def worker_features(
-    max_idle_s: Annotated[
-        float | None, typer.Option(help="Exit after this long without input (default: never).")
-    ] = None,
-) -> None:
+def worker_features(max_idle_s: MaxIdle = None) -> None:
     """Fold events into real-time user/item features in Feast (one replica per deployment)."""
-    import logging
-
     from features.store import apply_repo, registry_exists
     from streaming.feature_writer import FeatureWriter
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    _worker_logging()
     settings = get_settings()
     if not registry_exists(settings):
         typer.echo("no Feast registry yet: applying feature_repo/ first", err=True)

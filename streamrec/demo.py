@@ -106,14 +106,7 @@ def _ensure_broker(settings: Settings) -> LocalKafka | None:
     if broker_answers(settings.kafka_bootstrap, timeout_s=2):
         _say(f"using the Kafka broker already answering at {settings.kafka_bootstrap}")
         return None
-    broker = LocalKafka(
-        home=settings.kafka_home,
-        port=settings.kafka_local_port,
-        controller_port=settings.kafka_local_controller_port,
-        cache_dir=settings.cache_dir,
-        heap=settings.kafka_local_heap,
-        partitions=settings.topic_partitions,
-    )
+    broker = LocalKafka.from_settings(settings)
     _say(f"starting a local Kafka broker (KRaft) on {broker.bootstrap} …")
     started = time.monotonic()
     broker.start()

@@ -59,22 +59,26 @@ class Settings(BaseSettings):
     )
 
     feature_allowed_lateness_s: float = Field(
-        600.0, gt=0,
+        600.0,
+        gt=0,
         description="Events older than an entity's newest by more than this are too late "
         "for real-time features (still archived). Dedup memory grows with it.",
     )
     feature_flush_interval_ms: float = Field(
-        200.0, ge=0,
+        200.0,
+        ge=0,
         description="Under load, the feature writer writes each changed entity at most once "
         "per interval (coalescing); idle input is written at once.",
     )
     feature_item_flush_interval_ms: float = Field(
-        1000.0, ge=0,
+        1000.0,
+        ge=0,
         description="The same for item rows (an impression touches many items; their "
         "hour/day counts move slowly).",
     )
     feature_snapshot_interval_s: float = Field(
-        30.0, gt=0,
+        30.0,
+        gt=0,
         description="How often the feature writer persists state + offsets (bounds replay).",
     )
 

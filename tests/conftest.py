@@ -27,13 +27,8 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafk
         port = external.rsplit(":", 1)[1]
         yield LocalKafka(home=tmp_path_factory.mktemp("kafka-ext"), port=int(port))
         return
-    broker = LocalKafka(
-        home=tmp_path_factory.mktemp("kafka"),
-        port=free_port(),
-        controller_port=free_port(),
-        cache_dir=Settings().cache_dir,
-        heap="384m",
-        partitions=4,
+    broker = LocalKafka.on_free_ports(
+        tmp_path_factory.mktemp("kafka"), cache_dir=Settings().cache_dir, heap="384m"
     )
     broker.start(quiet=True)
     try:
@@ -73,9 +68,21 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     folder = tmp_path_factory.mktemp("redis")
     server = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--appendonly", "no",
-         "--save", "", "--dir", str(folder)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--appendonly",
+            "no",
+            "--save",
+            "",
+            "--dir",
+            str(folder),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         client = redis.Redis(port=port)
@@ -96,9 +103,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(params=["sqlite", "redis"])
-def online_store_settings(
-    request: pytest.FixtureRequest, kafka_settings: Settings
-) -> Settings:
+def online_store_settings(request: pytest.FixtureRequest, kafka_settings: Settings) -> Settings:
     """``kafka_settings`` with each online store in turn (Redis flushed for the test)."""
     if request.param == "sqlite":
         return kafka_settings

@@ -30,6 +30,10 @@ from base64 import urlsafe_b64encode
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from streamrec.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +66,14 @@ def ensure_jars(cache_dir: Path, *, quiet: bool = False) -> Path:
     tmp = libs.with_name(f"libs.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     cmd = [
-        mvn, "-B", "-q", "-f", str(POM), "dependency:copy-dependencies",
-        f"-DoutputDirectory={tmp}", "-DincludeScope=runtime",
+        mvn,
+        "-B",
+        "-q",
+        "-f",
+        str(POM),
+        "dependency:copy-dependencies",
+        f"-DoutputDirectory={tmp}",
+        "-DincludeScope=runtime",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -142,6 +152,23 @@ class LocalKafka:
     heap: str = "512m"
     partitions: int = 4
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LocalKafka:
+        """The broker ``streamrec kafka up`` manages, as configured."""
+        return cls(
+            home=settings.kafka_home,
+            port=settings.kafka_local_port,
+            controller_port=settings.kafka_local_controller_port,
+            cache_dir=settings.cache_dir,
+            heap=settings.kafka_local_heap,
+            partitions=settings.topic_partitions,
+        )
+
+    @classmethod
+    def on_free_ports(cls, home: Path, **options: Any) -> LocalKafka:
+        """A throwaway broker (tests, benchmarks) on ports nothing else uses."""
+        return cls(home=home, port=free_port(), controller_port=free_port(), **options)
+
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
@@ -196,8 +223,10 @@ class LocalKafka:
         self.home.mkdir(parents=True, exist_ok=True)
         self._config.write_text(
             _SERVER_PROPERTIES.format(
-                port=self.port, controller_port=self.controller_port,
-                data=self._data.resolve(), partitions=self.partitions,
+                port=self.port,
+                controller_port=self.controller_port,
+                data=self._data.resolve(),
+                partitions=self.partitions,
             )
         )
         java = _java()
@@ -205,9 +234,20 @@ class LocalKafka:
         if not (self._data / "meta.properties").exists():
             cluster_id = urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             proc = subprocess.run(
-                [java, "-cp", classpath, "kafka.tools.StorageTool", "format", "--standalone",
-                 "-t", cluster_id, "-c", str(self._config)],
-                capture_output=True, text=True,
+                [
+                    java,
+                    "-cp",
+                    classpath,
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "--standalone",
+                    "-t",
+                    cluster_id,
+                    "-c",
+                    str(self._config),
+                ],
+                capture_output=True,
+                text=True,
             )
             if proc.returncode != 0:
                 raise BrokerError(f"formatting Kafka storage failed:\n{proc.stdout}{proc.stderr}")
@@ -222,10 +262,21 @@ class LocalKafka:
         )
         with open(self.log_file, "ab") as out:
             proc = subprocess.Popen(
-                [java, f"-Xmx{self.heap}", f"-Xms{self.heap}", "-XX:+UseG1GC",
-                 "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={log4j}",
-                 "-cp", classpath, "kafka.Kafka", str(self._config)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [
+                    java,
+                    f"-Xmx{self.heap}",
+                    f"-Xms{self.heap}",
+                    "-XX:+UseG1GC",
+                    "-Djava.awt.headless=true",
+                    f"-Dlog4j2.configurationFile={log4j}",
+                    "-cp",
+                    classpath,
+                    "kafka.Kafka",
+                    str(self._config),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,  # a Ctrl-C in the caller's terminal stops it via stop()
             )
         self._pid_file.write_text(str(proc.pid))
@@ -279,4 +330,3 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
