@@ -106,7 +106,7 @@ def test_sigkilled_archiver_restarts_without_loss_or_duplicates(
             for k in range(25):
                 chunk = _events(1_000, start, offset=k * 1_000)
                 producer.send_many(chunk)
-                producer.flush()
+                producer.flush(timeout=120)  # generous: CI boxes can be busy
                 produced.extend(chunk)
                 time.sleep(0.15)
             producer.send_item(Item(item_id="i1", title="Trail shoe v2", category="Shoes",

@@ -97,7 +97,7 @@ def test_sigkilled_feature_writer_ends_with_exactly_the_reference_features(
                            settings.topic_items) as producer:
             for start in range(0, len(records), 2_500):
                 producer.send_many(records[start:start + 2_500])
-                producer.flush()
+                producer.flush(timeout=120)  # generous: CI boxes can be busy
                 time.sleep(0.2)
         done.set()
 
