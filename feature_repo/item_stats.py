@@ -10,7 +10,8 @@ from entities import item
 from feast import FeatureView, Field
 from feast.types import Float64, Int64
 from sources import offline_source
-from user_stats import STATS_WINDOWS
+
+from features.definitions import STATS_WINDOWS
 
 item_stats_source = offline_source("item_stats", "Daily item aggregates written by Spark.")
 

@@ -12,11 +12,7 @@ from feast import FeatureView, Field
 from feast.types import Float64, Int64, String
 from sources import offline_source
 
-from features.definitions import COUNTED_TYPES, Window, count_name
-
-W7D = Window("7d", 7 * 86_400, 86_400)
-W30D = Window("30d", 30 * 86_400, 86_400)
-STATS_WINDOWS = (W7D, W30D)
+from features.definitions import COUNTED_TYPES, STATS_WINDOWS, count_name
 
 user_stats_source = offline_source("user_stats", "Daily user aggregates written by Spark.")
 

@@ -81,13 +81,16 @@ __all__ = [
     "ITEM_WINDOWS",
     "RECENT_ITEMS_MAX",
     "SESSION_GAP",
+    "STATS_WINDOWS",
     "TIMESTAMP_FIELD",
     "USER_VIEW",
     "USER_WINDOWS",
     "US_PER_S",
     "W1H",
     "W5M",
+    "W7D",
     "W24H",
+    "W30D",
     "Feature",
     "Kind",
     "RealtimeView",
@@ -302,3 +305,12 @@ def fingerprint() -> dict[str, Any]:
         "session_gap_us": SESSION_GAP // _ONE_US,
         "recent_items_max": RECENT_ITEMS_MAX,
     }
+
+
+# --- Batch (Spark) statistics -------------------------------------------------------------
+# Daily buckets: a stats row is as of the last instant of a UTC day (or of the run's end),
+# so its 7-day window is that day and the six before it, whole days, counted like every
+# bucketed window above.
+W7D = Window("7d", 7 * 86_400, 86_400)
+W30D = Window("30d", 30 * 86_400, 86_400)
+STATS_WINDOWS: tuple[Window, ...] = (W7D, W30D)

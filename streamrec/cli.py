@@ -212,11 +212,14 @@ def demo(
     raise typer.Exit(code)
 
 
-def _register_sources() -> None:
+def _register_subcommands() -> None:
+    # Each module keeps its heavy imports (Spark, torch) inside its commands.
+    from features.batch_cli import batch_app
     from streaming.sources_cli import replay_app, simulate_command
 
     app.command("simulate")(simulate_command)
     app.add_typer(replay_app, name="replay", help="Replay public datasets as events.")
+    app.add_typer(batch_app, name="batch", help="Spark batch jobs over the event log.")
 
 
-_register_sources()
+_register_subcommands()

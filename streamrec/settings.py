@@ -150,6 +150,13 @@ class Settings(BaseSettings):
         "2g", description="JVM heap of the Spark driver (all of a local run's memory)."
     )
 
+    # --- Training and evaluation ----------------------------------------------------------
+    torch_threads: int = Field(
+        0, ge=0,
+        description="CPU threads of PyTorch training and inference (0: one per core). "
+        "Fewer than the cores helps when other processes share the machine.",
+    )
+
     def dlq_topic(self, topic: str) -> str:
         """Name of the dead-letter topic that belongs to ``topic``."""
         return f"{topic}{self.dlq_suffix}"
