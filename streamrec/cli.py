@@ -216,10 +216,12 @@ def _register_subcommands() -> None:
     # Each module keeps its heavy imports (Spark, torch) inside its commands.
     from features.batch_cli import batch_app
     from streaming.sources_cli import replay_app, simulate_command
+    from training.evaluate_cli import evaluate_app
 
     app.command("simulate")(simulate_command)
     app.add_typer(replay_app, name="replay", help="Replay public datasets as events.")
     app.add_typer(batch_app, name="batch", help="Spark batch jobs over the event log.")
+    app.add_typer(evaluate_app, name="evaluate", help="Offline evaluation on public datasets.")
 
 
 _register_subcommands()
