@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
+import typer
+from typer.testing import CliRunner
 
 from streaming.simulator import Simulator, SimulatorConfig
 from streamrec.contract import Event, EventType, Item
 from training.baselines import EASE, CoVisitation, Popularity
 from training.data import Interactions
+from training.evaluate_cli import evaluate_app
 from training.evaluation import (
     Queries,
     RankCounts,
@@ -312,3 +317,41 @@ def test_tune_picks_the_best_grid_value_on_validation() -> None:
     best, result = tune(lambda v, _: Fixed(tables[v]), ["bad", "good"], validation,
                         on_result=lambda v, _: seen.append(v))
     assert best == "good" and result["ndcg@10"] == 1.0 and seen == ["bad", "good"]
+
+
+# --- the command ------------------------------------------------------------------------
+
+
+def test_evaluate_movielens_command_prints_a_table_then_json(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    folder = tmp_path / "ml"
+    folder.mkdir()
+    movies = ["movieId,title,genres"] + [f"{m},Movie {m} (1999),Drama" for m in range(1, 61)]
+    (folder / "movies.csv").write_text("\n".join(movies) + "\n")
+    ratings = ["userId,movieId,rating,timestamp"]
+    for u in range(1, 31):
+        start = int(rng.integers(1, 45))  # each user rates a run of neighbouring movies
+        for k, m in enumerate(rng.permutation(np.arange(start, start + 15))[:10]):
+            ratings.append(f"{u},{m},4.0,{900_000_000 + 1000 * u + 10 * k}")
+    (folder / "ratings.csv").write_text("\n".join(ratings) + "\n")
+
+    app = typer.Typer()
+    app.add_typer(evaluate_app, name="evaluate")
+    app.command("noop")(lambda: None)  # a real multi-command app, as streamrec's
+    result = CliRunner().invoke(app, ["evaluate", "movielens", str(folder), "--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("model") and any(ln.startswith("ease") for ln in lines)
+    summary = json.loads(lines[-1])
+    assert list(summary) == ["ranker", "online", "popularity", "covisitation", "ease"]
+    assert summary["online"] is None
+    for name in ("ranker", "popularity", "covisitation", "ease"):
+        assert {"ndcg@10", "recall@10", "recall@50", "hr@10"} <= set(summary[name])
+        assert 0.0 <= summary[name]["ndcg@10"] <= 1.0
+    assert summary["covisitation"]["ndcg@10"] > summary["popularity"]["ndcg@10"]
+
+
+def test_evaluate_movielens_command_reports_a_bad_folder(tmp_path: Path) -> None:
+    result = CliRunner().invoke(evaluate_app, [str(tmp_path)])
+    assert result.exit_code == 1
+    assert "no MovieLens files here" in result.stderr

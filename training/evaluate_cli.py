@@ -9,6 +9,8 @@ Progress goes to stderr; stdout gets a table and, as its last line, one JSON obj
 by model (``ranker``, ``online``, ``popularity``, ``covisitation``, ``ease``), each with
 ``ndcg@10``, ``recall@10``, ``recall@50``, ``hr@10``, ``auc`` and ``fit_seconds``.
 ``online`` is ``null``: the River model does not exist yet.
+
+Until it is registered: ``python -m training.evaluate_cli PATH [OPTIONS]``.
 """
 
 from __future__ import annotations
@@ -67,8 +69,12 @@ def evaluate_movielens(
     models: Annotated[
         str, typer.Option(help="Comma-separated: ranker, popularity, covisitation, ease."),
     ] = "ranker,popularity,covisitation,ease",
-    epochs: Annotated[int, typer.Option(help="Most epochs of the ranker (early-stopped).")] = 0,
-    max_len: Annotated[int, typer.Option(help="Recent items the ranker reads.")] = 0,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Most epochs of the ranker (early-stopped)."),
+    ] = None,
+    max_len: Annotated[
+        int | None, typer.Option(min=1, help="Recent items the ranker reads (default 200)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the ranker.")] = 0,
     save: Annotated[
         Path | None, typer.Option(help="Save the trained ranker (safetensors + JSON) here."),
@@ -94,12 +100,10 @@ def evaluate_movielens(
     unknown = set(chosen) - set(MODELS)
     if unknown:
         raise typer.BadParameter(f"unknown models {sorted(unknown)}; choose from {MODELS}")
-    config = MOVIELENS_RANKER
-    if epochs:
-        config = replace(config, epochs=epochs)
-    if max_len:
-        config = replace(config, max_len=max_len)
-    config = replace(config, seed=seed)
+    config = replace(
+        MOVIELENS_RANKER, seed=seed, epochs=epochs or MOVIELENS_RANKER.epochs,
+        max_len=max_len or MOVIELENS_RANKER.max_len,
+    )
 
     t0 = time.perf_counter()
     try:
