@@ -14,7 +14,7 @@ Progress goes to stderr every few seconds; Ctrl-C stops cleanly after flushing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -146,6 +146,26 @@ Limit = Annotated[
 DatasetPath = Annotated[Path, typer.Argument(exists=True, help="Dataset folder or file.")]
 
 
+def _replay(
+    open_source: Callable[[Path], Iterable[Record]],
+    path: Path,
+    out: Path | None,
+    kafka: bool,
+    speed: float | None,
+    rate: float | None,
+    limit: int | None,
+) -> None:
+    """Open a dataset (a malformed one is a usage error naming file and line) and deliver it."""
+    from streaming.replay import ReplayError
+
+    pacer = _pacer(rate, speed)
+    try:
+        source = open_source(path)
+    except ReplayError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    _deliver(source, out, kafka, pacer, limit)
+
+
 @replay_app.command("movielens")
 def replay_movielens_command(
     path: DatasetPath,
@@ -159,14 +179,9 @@ def replay_movielens_command(
 
     Movies first, then one `view` event per rating in time order (context.rating).
     """
-    from streaming.replay import ReplayError, replay_movielens
+    from streaming.replay import replay_movielens
 
-    pacer = _pacer(rate, speed)
-    try:
-        source = replay_movielens(path)
-    except ReplayError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    _deliver(source, out, kafka, pacer, limit)
+    _replay(replay_movielens, path, out, kafka, speed, rate, limit)
 
 
 @replay_app.command("ecommerce")
@@ -179,11 +194,6 @@ def replay_ecommerce_command(
     limit: Limit = None,
 ) -> None:
     """Replay a REES46-style e-commerce CSV (view/cart/purchase), products first."""
-    from streaming.replay import ReplayError, replay_ecommerce
+    from streaming.replay import replay_ecommerce
 
-    pacer = _pacer(rate, speed)
-    try:
-        source = replay_ecommerce(path)
-    except ReplayError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    _deliver(source, out, kafka, pacer, limit)
+    _replay(replay_ecommerce, path, out, kafka, speed, rate, limit)
