@@ -150,6 +150,7 @@ def test_apply_registers_the_repo_once(tmp_path: Path, capsys: pytest.CaptureFix
         "item_realtime",
         "user_stats",
         "item_stats",
+        "item_profile",
         "item_embeddings",
     }
     # The real-time schemas are generated from features.definitions, in order.
