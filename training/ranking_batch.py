@@ -1,0 +1,361 @@
+"""The input every scoring model shares: (user, candidate item, request) rows with features.
+
+A :class:`RankingBatch` holds one row per candidate: the ids, the request's moment and
+context, and the columns of the ``ranker_features`` Feast service (``<view>__<feature>``,
+``full_feature_names=True``). Serving builds it from one online read
+(:meth:`RankingBatch.for_request`), training from a point-in-time join
+(:meth:`RankingBatch.from_frame`), so the ranker and the online model see exactly the same
+values in both places — the guard against training/serving skew.
+
+:func:`numeric_matrix` turns a batch into the dense numeric features both models use
+(:data:`NUMERIC_FEATURES`, documented one by one below); :func:`numeric_rows` gives the
+same values as River-style dicts, plus one-hot context.
+
+Windowed counts of the real-time views are *as of the entity's newest event*; a user idle
+for two hours still carries the ``views_1h`` of their last visit. Here a count whose whole
+window has passed between that event and the request is read as 0, identically offline and
+online, so a stale burst does not look like current activity.
+
+Examples
+--------
+>>> batch = RankingBatch.for_request(
+...     "u1", ["a", "b"],
+...     {"user_realtime__views_1h": [3, 3], "user_realtime__last_event_ts": [990.0, 990.0],
+...      "item_profile__category": ["Shoes", "Books"],
+...      "user_realtime__last_category": ["Shoes", "Shoes"]},
+...     ts_s=1000.0, device="mobile")
+>>> len(batch), batch.column("item_profile__category")
+(2, ['Shoes', 'Books'])
+>>> x = numeric_matrix(batch)
+>>> x.shape == (2, len(NUMERIC_FEATURES))
+True
+>>> row = numeric_rows(batch)[0]
+>>> round(row["user_views_1h"], 3), row["same_category_as_last"], row["device=mobile"]
+(1.386, 1.0, 1.0)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from features.definitions import COUNTED_TYPES, ITEM_VIEW, STATS_WINDOWS, USER_VIEW, count_name
+from streamrec.contract import Device
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = [
+    "CONTEXT_COLUMNS",
+    "NUMERIC_FEATURES",
+    "RankingBatch",
+    "numeric_matrix",
+    "numeric_rows",
+]
+
+CONTEXT_COLUMNS = ("device", "country")
+"""Request context carried by every row (``None`` when unknown)."""
+
+_DAY_S = 86_400.0
+
+
+@dataclass(frozen=True)
+class RankingBatch:
+    """Rows of (user, candidate item, request) with their ``ranker_features`` columns.
+
+    Parameters
+    ----------
+    user_ids, item_ids
+        Object arrays, one id per row.
+    ts_s
+        The request's moment per row, UNIX seconds (training: the label's time).
+    device, country
+        Request context per row, ``None`` when unknown.
+    features
+        Feature columns named ``<view>__<feature>``, one value per row, ``None`` where the
+        store had no value. Columns a model needs but the batch lacks read as missing.
+    """
+
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    ts_s: np.ndarray
+    device: np.ndarray
+    country: np.ndarray
+    features: Mapping[str, Sequence[Any]]
+
+    def __post_init__(self) -> None:
+        n = len(self.user_ids)
+        lengths = {len(self.item_ids), len(self.ts_s), len(self.device), len(self.country)}
+        lengths |= {len(v) for v in self.features.values()}
+        if lengths - {n}:
+            raise ValueError(f"every column needs {n} rows, got lengths {sorted(lengths)}")
+
+    @classmethod
+    def for_request(
+        cls,
+        user_id: str,
+        item_ids: Sequence[str],
+        features: Mapping[str, Sequence[Any]],
+        *,
+        ts_s: float,
+        device: str | None = None,
+        country: str | None = None,
+    ) -> RankingBatch:
+        """One request: ``user_id`` against every candidate in ``item_ids``.
+
+        ``features`` is what ``OnlineFeatureReader.read(RANKER_SERVICE, {"user_id": [user_id]
+        * n, "item_id": item_ids}, full_feature_names=True)`` returns (key columns are
+        ignored).
+        """
+        n = len(item_ids)
+        return cls(
+            user_ids=_objects([user_id] * n),
+            item_ids=_objects(item_ids),
+            ts_s=np.full(n, float(ts_s)),
+            device=_objects([device] * n),
+            country=_objects([country.upper() if country else None] * n),
+            features={k: v for k, v in features.items() if "__" in k},
+        )
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> RankingBatch:
+        """Rows of a point-in-time join: ``user_id``, ``item_id``, ``event_timestamp``,
+        optional ``device``/``country`` and the ``<view>__<feature>`` columns."""
+        import pandas as pd
+
+        stamps = pd.to_datetime(frame["event_timestamp"], utc=True)
+        ts_s = (stamps - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(np.float64)
+
+        def optional(name: str) -> np.ndarray:
+            if name not in frame:
+                return _objects([None] * len(frame))
+            return _objects([None if _missing(v) else v for v in frame[name]])
+
+        return cls(
+            user_ids=_objects(frame["user_id"].astype(str)),
+            item_ids=_objects(frame["item_id"].astype(str)),
+            ts_s=ts_s,
+            device=optional("device"),
+            country=optional("country"),
+            features={
+                c: [None if _missing(v) else v for v in frame[c]]
+                for c in frame.columns
+                if "__" in c
+            },
+        )
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    def column(self, name: str) -> Sequence[Any]:
+        """The feature column ``name``, all ``None`` when the batch lacks it."""
+        values = self.features.get(name)
+        return [None] * len(self) if values is None else values
+
+    def take(self, index: np.ndarray | Sequence[int]) -> RankingBatch:
+        """The rows at ``index``, in that order."""
+        idx = np.asarray(index, dtype=np.int64)
+        return RankingBatch(
+            user_ids=self.user_ids[idx],
+            item_ids=self.item_ids[idx],
+            ts_s=self.ts_s[idx],
+            device=self.device[idx],
+            country=self.country[idx],
+            features={k: [v[i] for i in idx] for k, v in self.features.items()},
+        )
+
+
+def _objects(values: Sequence[Any]) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = list(values)
+    return out
+
+
+def _missing(value: Any) -> bool:
+    # Point-in-time joins give NaN (floats) or NaT/None where no row matched.
+    if value is None:
+        return True
+    return isinstance(value, float) and math.isnan(value)
+
+
+# --- numeric features ----------------------------------------------------------------------
+
+_Column = Callable[[RankingBatch], np.ndarray]
+
+
+def _floats(batch: RankingBatch, name: str) -> np.ndarray:
+    """Column ``name`` as float64 with NaN for missing values."""
+    return np.array([np.nan if v is None else float(v) for v in batch.column(name)])
+
+
+def _elapsed_s(batch: RankingBatch, view: str) -> np.ndarray:
+    """Seconds from the entity's newest event to the request (NaN without a row)."""
+    return np.maximum(batch.ts_s - _floats(batch, f"{view}__last_event_ts"), 0.0)
+
+
+def _window_count(view: str, name: str, window_s: float) -> _Column:
+    def column(batch: RankingBatch) -> np.ndarray:
+        counts = _floats(batch, f"{view}__{name}")
+        # The whole window has passed since the count was taken: nothing of it is left.
+        counts[_elapsed_s(batch, view) >= window_s] = 0.0
+        return np.log1p(counts)
+
+    return column
+
+
+def _log_count(view: str, name: str) -> _Column:
+    return lambda batch: np.log1p(np.maximum(_floats(batch, f"{view}__{name}"), 0.0))
+
+
+def _plain(view: str, name: str) -> _Column:
+    return lambda batch: _floats(batch, f"{view}__{name}")
+
+
+def _log_elapsed(view: str) -> _Column:
+    return lambda batch: np.log1p(_elapsed_s(batch, view))
+
+
+def _item_age_days(batch: RankingBatch) -> np.ndarray:
+    age = (batch.ts_s - _floats(batch, "item_profile__created_at_s")) / _DAY_S
+    return np.log1p(np.maximum(age, 0.0))
+
+
+def _price_ratio(batch: RankingBatch) -> np.ndarray:
+    price = _floats(batch, "item_profile__price")
+    usual = _floats(batch, "user_stats__avg_price_30d")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.log((price + 1.0) / (usual + 1.0))
+    return ratio
+
+
+@lru_cache(maxsize=4096)
+def _affinity(blob: str) -> Mapping[str, float]:
+    try:
+        parsed = json.loads(blob)
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _category_affinity(batch: RankingBatch) -> np.ndarray:
+    blobs = batch.column("user_stats__category_affinity")
+    categories = batch.column("item_profile__category")
+    return np.array(
+        [
+            np.nan if b is None else float(_affinity(b).get(c, 0.0)) if c is not None else np.nan
+            for b, c in zip(blobs, categories, strict=True)
+        ]
+    )
+
+
+def _same_category_as_last(batch: RankingBatch) -> np.ndarray:
+    last = batch.column("user_realtime__last_category")
+    categories = batch.column("item_profile__category")
+    return np.array(
+        [
+            np.nan if a is None or c is None else float(a == c)
+            for a, c in zip(last, categories, strict=True)
+        ]
+    )
+
+
+def _recency_rank(batch: RankingBatch) -> np.ndarray:
+    """1 / (1 + position) of the candidate in the user's recent items, 0 when absent."""
+    recent = batch.column("user_realtime__recent_items")
+    out = np.zeros(len(batch))
+    for i, (items, item) in enumerate(zip(recent, batch.item_ids, strict=True)):
+        if items is None:
+            out[i] = np.nan
+        elif item in items:
+            out[i] = 1.0 / (1.0 + list(items).index(item))
+    return out
+
+
+def _hour(fn: Callable[[np.ndarray], np.ndarray]) -> _Column:
+    return lambda batch: fn(2 * np.pi * ((batch.ts_s % _DAY_S) / _DAY_S))
+
+
+def _stats_counts(view: str, names: Sequence[str]) -> dict[str, _Column]:
+    return {f"{view.split('_')[0]}_{n}": _log_count(view, n) for n in names}
+
+
+_USER_WINDOWS = {w.name: float(w.seconds) for w in USER_VIEW.windows}
+_ITEM_WINDOWS = {w.name: float(w.seconds) for w in ITEM_VIEW.windows}
+
+_COLUMNS: dict[str, _Column] = {
+    # What the user did lately (stream), as of the request.
+    **{
+        f"user_{count_name(t, w)}": _window_count(
+            "user_realtime", count_name(t, w), _USER_WINDOWS[w.name]
+        )
+        for w in USER_VIEW.windows
+        for t in COUNTED_TYPES
+    },
+    "user_session_events": _log_count("user_realtime", "session_events"),
+    "user_session_duration_s": _log_count("user_realtime", "session_duration_s"),
+    "user_idle_s": _log_elapsed("user_realtime"),
+    # The user's longer history (batch).
+    **_stats_counts(
+        "user_stats", [count_name(t, w) for w in STATS_WINDOWS for t in COUNTED_TYPES]
+    ),
+    "user_purchase_rate_30d": _plain("user_stats", "purchase_rate_30d"),
+    "user_avg_price_30d": _log_count("user_stats", "avg_price_30d"),
+    # How the candidate is doing now (stream) and over weeks (batch).
+    **{
+        f"item_{count_name(t, w)}": _window_count(
+            "item_realtime", count_name(t, w), _ITEM_WINDOWS[w.name]
+        )
+        for w in ITEM_VIEW.windows
+        for t in COUNTED_TYPES
+    },
+    **{f"item_ctr_{w}": _plain("item_realtime", f"ctr_{w}") for w in _ITEM_WINDOWS},
+    "item_idle_s": _log_elapsed("item_realtime"),
+    **_stats_counts(
+        "item_stats",
+        [f"{k}_{w.name}" for w in STATS_WINDOWS for k in ("popularity", "unique_users")],
+    ),
+    **{f"item_ctr_{w.name}": _plain("item_stats", f"ctr_{w.name}") for w in STATS_WINDOWS},
+    # The catalog entry.
+    "item_age_days": _item_age_days,
+    "item_price": _log_count("item_profile", "price"),
+    # The pair.
+    "price_vs_user_avg": _price_ratio,
+    "category_affinity": _category_affinity,
+    "same_category_as_last": _same_category_as_last,
+    "recently_interacted": _recency_rank,
+    # The moment (UTC hour of day on the circle).
+    "hour_sin": _hour(np.sin),
+    "hour_cos": _hour(np.cos),
+}
+
+NUMERIC_FEATURES: tuple[str, ...] = tuple(_COLUMNS)
+"""Names of :func:`numeric_matrix`'s columns, in order."""
+
+
+def numeric_matrix(batch: RankingBatch) -> np.ndarray:
+    """``(len(batch), len(NUMERIC_FEATURES))`` float32; missing values are 0.
+
+    Missing (no row in the store, an unknown category, …) becomes 0, the value of "no
+    activity" for every log-count, so a cold user or item is a normal input.
+    """
+    x = np.column_stack([fn(batch) for fn in _COLUMNS.values()]).astype(np.float32)
+    return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+_DEVICES = tuple(d.value for d in Device)
+
+
+def numeric_rows(batch: RankingBatch) -> list[dict[str, float]]:
+    """:func:`numeric_matrix` as one dict per row, plus one-hot ``device=<value>``."""
+    x = numeric_matrix(batch)
+    rows = [dict(zip(NUMERIC_FEATURES, map(float, r), strict=True)) for r in x]
+    for row, device in zip(rows, batch.device, strict=True):
+        for d in _DEVICES:
+            row[f"device={d}"] = float(device == d)
+    return rows
