@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from functools import reduce
 from pathlib import Path
 
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -77,7 +78,7 @@ from features.definitions import (
     count_name,
     epoch_us,
 )
-from streaming.archiver import EVENT_SCHEMA, ITEM_SCHEMA, events_dir, load_catalog
+from streaming.archiver import EVENT_SCHEMA, ITEM_SCHEMA, event_log_dirs, load_catalog
 from streamrec.contract import EventType
 from streamrec.settings import Settings
 
@@ -191,24 +192,22 @@ def read_events(
     since: date | None = None,
     until: datetime | None = None,
 ) -> DataFrame:
-    """The archived event log (columns of :data:`~streaming.archiver.EVENT_SCHEMA`).
+    """The archived event log (columns of :data:`~streaming.archiver.EVENT_SCHEMA`): client
+    events and served impressions (:func:`~streaming.archiver.event_log_dirs`).
 
     ``since`` (a UTC day, inclusive) and ``until`` (an instant, exclusive) bound event time;
     the day bounds prune ``date=`` folders unread. Archiver temporaries (``.``-prefixed) and
     ``_manifests`` are skipped, as Spark skips such names.
     """
-    root = events_dir(settings)
     schema = from_arrow_schema(EVENT_SCHEMA)
-    if not root.is_dir() or next(root.glob("date=*/hour=*/part-*.parquet"), None) is None:
+    logs = [
+        spark.read.option("basePath", str(root)).parquet(str(root))
+        for root in event_log_dirs(settings)
+        if root.is_dir() and next(root.glob("date=*/hour=*/part-*.parquet"), None) is not None
+    ]
+    if not logs:
         return spark.createDataFrame([], schema)
-    log = spark.read.option("basePath", str(root)).parquet(str(root))
-    if since is not None:
-        log = log.where(F.col(PARTITION_COLUMN) >= F.lit(since))
-    if until is not None:
-        until = until.astimezone(UTC)
-        log = log.where(F.col(PARTITION_COLUMN) <= F.lit(until.date())).where(
-            F.col("ts") < F.lit(until)
-        )
+    log = reduce(DataFrame.unionByName, logs)
     return log.select(*schema.fieldNames())
 
 

@@ -110,6 +110,20 @@ def items_dir(settings: Settings) -> Path:
     return settings.home / "offline" / "items"
 
 
+def impressions_dir(settings: Settings) -> Path:
+    """Archive of the ``impressions`` topic (what serving showed), laid out like events."""
+    return settings.home / "offline" / "impressions"
+
+
+def event_log_dirs(settings: Settings) -> tuple[Path, Path]:
+    """Every folder of the event log: client events, then served impressions.
+
+    They are separate archives because each topic has its own partitions and offsets (the
+    names of the exactly-once parts); readers of "the event log" read both.
+    """
+    return events_dir(settings), impressions_dir(settings)
+
+
 def _manifest_dir(root: Path, partition: int) -> Path:
     return root / "_manifests" / f"p{partition:04d}"
 
@@ -286,28 +300,40 @@ def run_archiver(
     batch_wait_s: float = 5.0,
     metrics_port: int = 0,
 ) -> dict[str, int]:
-    """Archive ``events`` and ``items`` until SIGTERM (or ``max_idle_s`` without input)."""
-    events = Archiver(events_dir(settings), EVENT_SCHEMA, event_rows, partition_by_hour=True)
-    items = Archiver(items_dir(settings), ITEM_SCHEMA, item_rows, partition_by_hour=False)
+    """Archive ``events``, ``impressions`` and ``items`` until SIGTERM (or ``max_idle_s`` idle)."""
+    archives = {
+        settings.topic_events: Archiver(
+            events_dir(settings), EVENT_SCHEMA, event_rows, partition_by_hour=True
+        ),
+        settings.topic_impressions: Archiver(
+            impressions_dir(settings), EVENT_SCHEMA, event_rows, partition_by_hour=True
+        ),
+        settings.topic_items: Archiver(
+            items_dir(settings), ITEM_SCHEMA, item_rows, partition_by_hour=False
+        ),
+    }
+    events, items = archives[settings.topic_events], archives[settings.topic_items]
 
     def decode(raw: bytes) -> Event | Item:
         data = orjson.loads(raw)
-        # Both topics share one consumer; the shape tells them apart.
+        # The topics share one consumer; the shape tells them apart.
         return parse_event(data) if "event_type" in data else parse_item(data)
 
     def handle(batch: list[Message[Event | Item]]) -> list[Failure]:
-        ev = [m for m in batch if m.topic == settings.topic_events]
-        it = [m for m in batch if m.topic == settings.topic_items]
-        return events.write(ev) + items.write(it)
+        failures: list[Failure] = []
+        for topic, archive in archives.items():
+            failures += archive.write([m for m in batch if m.topic == topic])
+        return failures
 
     def on_assign(assigned: set[TopicPartition]) -> Mapping[TopicPartition, int]:
-        ev = {tp for tp in assigned if tp.topic == settings.topic_events}
-        it = {tp for tp in assigned if tp.topic == settings.topic_items}
-        return {**events.resume_positions(ev), **items.resume_positions(it)}
+        positions: dict[TopicPartition, int] = {}
+        for topic, archive in archives.items():
+            positions.update(archive.resume_positions({tp for tp in assigned if tp.topic == topic}))
+        return positions
 
     consumer = StreamConsumer(
         settings,
-        [settings.topic_events, settings.topic_items],
+        list(archives),
         settings.archiver_group,
         decode,
         handle,
@@ -318,7 +344,11 @@ def run_archiver(
     reporter = WorkerReporter(
         "archiver",
         consumer.stats,
-        extra=lambda: {"event_rows": events.rows_written, "item_rows": items.rows_written},
+        extra=lambda: {
+            "event_rows": events.rows_written,
+            "impression_rows": archives[settings.topic_impressions].rows_written,
+            "item_rows": items.rows_written,
+        },
     )
     reporter.start(metrics_port)
     try:
@@ -329,8 +359,9 @@ def run_archiver(
         "consumed": stats.consumed,
         "dead_lettered": stats.dead_lettered,
         "event_rows": events.rows_written,
+        "impression_rows": archives[settings.topic_impressions].rows_written,
         "item_rows": items.rows_written,
-        "files": events.files_written + items.files_written,
+        "files": sum(a.files_written for a in archives.values()),
     }
 
 

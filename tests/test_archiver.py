@@ -22,6 +22,7 @@ from streaming.archiver import (
     archived_positions,
     event_rows,
     events_dir,
+    impressions_dir,
     load_catalog,
     part_name,
 )
@@ -41,6 +42,20 @@ def _events(n: int, start: datetime, offset: int = 0) -> list[Event]:
             # Spread over three hours so files land in several hour folders.
             "ts": (start + timedelta(seconds=(i + offset) % 10_800)).isoformat(),
             "context": {"device": "mobile", "country": "DE", "ab": i % 3},
+        })
+        for i in range(n)
+    ]
+
+
+def _impressions(n: int, start: datetime, offset: int) -> list[Event]:
+    """What serving logs: one slate per request, on the ``impressions`` topic."""
+    return [
+        parse_event({
+            "event_id": str(uuid.uuid4()),
+            "event_type": "impression",
+            "user_id": f"u{i % 37}", "items": [f"i{(i + j) % 101}" for j in range(5)],
+            "request_id": f"r{offset + i}",
+            "ts": (start + timedelta(seconds=(i + offset) % 10_800)).isoformat(),
         })
         for i in range(n)
     ]
@@ -96,18 +111,25 @@ def test_sigkilled_archiver_restarts_without_loss_or_duplicates(
     ensure_topics(settings.kafka_bootstrap, stream_topics(settings), 4)
     start = datetime.now(UTC) - timedelta(hours=4)
     produced: list[Event] = []
+    served: list[Event] = []
     done = threading.Event()
 
     def produce() -> None:
         with EventProducer(settings.kafka_bootstrap, settings.topic_events,
-                           settings.topic_items) as producer:
+                           settings.topic_items) as producer, EventProducer(
+                               settings.kafka_bootstrap, settings.topic_impressions,
+                               settings.topic_items) as impressions:
             producer.send_item(Item(item_id="i1", title="Trail shoe", category="Shoes",
                                     price=99.0, created_at=start))
             for k in range(25):
                 chunk = _events(1_000, start, offset=k * 1_000)
                 producer.send_many(chunk)
+                slates = _impressions(40, start, offset=k * 40)
+                impressions.send_many(slates)
                 producer.flush(timeout=120)  # generous: CI boxes can be busy
+                impressions.flush(timeout=120)
                 produced.extend(chunk)
+                served.extend(slates)
                 time.sleep(0.15)
             producer.send_item(Item(item_id="i1", title="Trail shoe v2", category="Shoes",
                                     price=89.0, created_at=start))
@@ -118,6 +140,7 @@ def test_sigkilled_archiver_restarts_without_loss_or_duplicates(
         "STREAMREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
         "STREAMREC_TOPIC_EVENTS": settings.topic_events,
         "STREAMREC_TOPIC_ITEMS": settings.topic_items,
+        "STREAMREC_TOPIC_IMPRESSIONS": settings.topic_impressions,
         "STREAMREC_HOME": str(settings.home),
         "STREAMREC_CONSUMER_BATCH_SIZE": "700",
     }
@@ -143,6 +166,9 @@ def test_sigkilled_archiver_restarts_without_loss_or_duplicates(
     ids = _read_ids(root)
     assert len(ids) == len(produced) == 25_000
     assert set(ids) == {e.event_id for e in produced}
+    served_ids = _read_ids(impressions_dir(settings))
+    assert len(served_ids) == len(served) == 1_000
+    assert set(served_ids) == {e.event_id for e in served}
     catalog = load_catalog(settings).to_pylist()
     assert [(r["item_id"], r["title"], r["price"]) for r in catalog] == [
         ("i1", "Trail shoe v2", 89.0)
