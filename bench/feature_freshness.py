@@ -6,6 +6,9 @@ Two phases, one local broker, a fresh Feast repository in a temp home:
    feature-writer (in this process) consumes them from the beginning: validation, the
    event-time engine, and upserts of every changed user/item row into Feast's online store.
    ``events_per_s`` = events / time from the first poll to the last online write.
+   ``cpu_us_per_event`` is the process CPU time per event over the same span (all threads),
+   and ``cpu_events_per_s`` its inverse: what the writer sustains on one core of its own.
+   Wall time depends on what else shares the machine; CPU time much less so.
 2. **Freshness**: ``streamrec simulate --live --rate R`` (a separate process) produces events
    stamped with the wall clock at a fixed rate while the writer runs; for every event,
    freshness = the moment its features were committed online minus its event time. Reported
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -38,7 +42,7 @@ import numpy as np
 
 from features.store import apply_repo
 from streaming.broker import LocalKafka
-from streaming.feature_writer import FeatureWriter
+from streaming.feature_writer import FeatureWriter, tune_gc
 from streaming.producer import EventProducer
 from streaming.simulator import Simulator, SimulatorConfig
 from streaming.topics import ensure_topics, stream_topics
@@ -47,6 +51,11 @@ from streamrec.settings import Settings
 
 def log(msg: str) -> None:
     print(f"[feature_freshness] {msg}", file=sys.stderr, flush=True)
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _settings(bootstrap: str, home: Path, tag: str, store: str, redis_url: str) -> Settings:
@@ -74,6 +83,8 @@ def throughput(bootstrap: str, home: Path, n: int, store: str, redis_url: str) -
     log(f"loaded {total:,} records; running one feature writer over the backlog …")
     writer = FeatureWriter(settings)
     consumer = writer.consumer()
+    tune_gc()  # as FeatureWriter.run does in the worker
+    cpu_started = _cpu_s()
     started = time.perf_counter()
     last_report = started
 
@@ -90,15 +101,19 @@ def throughput(bootstrap: str, home: Path, n: int, store: str, redis_url: str) -
     consumer.run(until=done)
     writer.flush()
     elapsed = time.perf_counter() - started
+    cpu_s = _cpu_s() - cpu_started
     writer.writer.close()
     stats = writer.stats
     log(
-        f"{stats.events:,} events in {elapsed:.1f}s → {stats.events / elapsed:,.0f} events/s "
+        f"{stats.events:,} events in {elapsed:.1f}s → {stats.events / elapsed:,.0f} events/s, "
+        f"{cpu_s / stats.events * 1e6:.1f} µs CPU per event "
         f"({stats.user_rows:,} user rows, {stats.item_rows:,} item rows written)"
     )
     return {
         "events": stats.events,
         "events_per_s": round(stats.events / elapsed),
+        "cpu_us_per_event": round(cpu_s / stats.events * 1e6, 1),
+        "cpu_events_per_s": round(stats.events / cpu_s),
         "rows_written": stats.user_rows + stats.item_rows,
     }
 

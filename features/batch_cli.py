@@ -33,7 +33,17 @@ from streamrec.settings import Settings, get_settings
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-__all__ = ["Step", "batch_app", "historical_command", "historical_step", "run_steps"]
+__all__ = [
+    "Step",
+    "all_command",
+    "batch_app",
+    "graph_command",
+    "graph_step",
+    "historical_command",
+    "historical_step",
+    "run_steps",
+    "text_command",
+]
 
 Progress = Callable[[str], None]
 Step = Callable[["SparkSession", Settings, Progress], Sequence[str]]
@@ -60,6 +70,29 @@ Master = Annotated[
         "default: STREAMREC_SPARK_MASTER or local[*].",
     ),
 ]
+
+
+End = Annotated[
+    datetime | None,
+    typer.Option(
+        formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S%z"],
+        help="Count events before this instant (UTC unless it has an offset); default: now.",
+    ),
+]
+Days = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Daily rows per entity, ending with the day of --end; default 2: finish "
+        "yesterday, refresh today (30+ backfills training history).",
+    ),
+]
+Online = Annotated[bool, typer.Option(help="Materialize the new rows into the online store.")]
+
+
+def _utc(end: datetime | None) -> datetime | None:
+    """``--end`` with a zone: UTC unless it was given with an offset."""
+    return end.replace(tzinfo=UTC) if end is not None and end.tzinfo is None else end
 
 
 def _progress(message: str) -> None:
@@ -93,6 +126,7 @@ def run_steps(
     )
     try:
         for name, step in steps.items():
+            progress(f"step {name} ...")
             began = time.perf_counter()
             lines = step(spark, settings, progress)
             typer.echo(f"{name} ({time.perf_counter() - began:.1f} s)")
@@ -136,28 +170,56 @@ def historical_step(end: datetime | None, days: int | None, online: bool) -> Ste
 
 @batch_app.command("historical")
 def historical_command(
-    master: Master = None,
-    end: Annotated[
-        datetime | None,
-        typer.Option(
-            formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S%z"],
-            help="Count events before this instant (UTC unless it has an offset); default: now.",
-        ),
-    ] = None,
-    days: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            help="Daily rows per entity, ending with the day of --end; default 2: finish "
-            "yesterday, refresh today (30+ backfills training history).",
-        ),
-    ] = None,
-    online: Annotated[
-        bool, typer.Option(help="Materialize the new rows into the online store.")
-    ] = True,
+    master: Master = None, end: End = None, days: Days = None, online: Online = True
 ) -> None:
     """User and item 7/30-day statistics from the event log into Feast's offline and online
     stores. Re-running a day replaces its rows."""
-    if end is not None and end.tzinfo is None:
-        end = end.replace(tzinfo=UTC)
-    run_steps({"historical": historical_step(end, days, online)}, master=master)
+    run_steps({"historical": historical_step(_utc(end), days, online)}, master=master)
+
+
+def graph_step(end: datetime | None, online: bool) -> Step:
+    """The step of ``graph``: the item graph, its vectors and ``item_neighbors``."""
+
+    def step(spark: SparkSession, settings: Settings, progress: Progress) -> Sequence[str]:
+        from features.item_graph import run_graph
+
+        _ensure_registry(settings, progress)
+        return run_graph(spark, settings, end=end, online=online, progress=progress).lines()
+
+    return step
+
+
+@batch_app.command("graph")
+def graph_command(master: Master = None, end: End = None, online: Online = True) -> None:
+    """The item co-occurrence graph of the last STREAMREC_GRAPH_DAYS days: random-walk
+    Word2Vec vectors (offline/item_graph_vectors, for the text job) and the item_neighbors
+    view. Re-running a day replaces its rows."""
+    run_steps({"graph": graph_step(_utc(end), online)}, master=master)
+
+
+@batch_app.command("text")
+def text_command(master: Master = None, end: End = None, online: Online = True) -> None:
+    """MiniLM text vectors of the catalog, the text-to-graph projection of cold-start items,
+    and the item_embeddings / item_profile views. Re-running a day replaces its rows."""
+    from features.text_batch import text_step
+
+    run_steps({"text": text_step(_utc(end), online)}, master=master)
+
+
+@batch_app.command("all")
+def all_command(
+    master: Master = None, end: End = None, days: Days = None, online: Online = True
+) -> None:
+    """Historical features, then the item graph, then the text embeddings, in one Spark
+    session."""
+    # Imported here, before Spark starts: a missing text job fails the command at once.
+    from features.text_batch import text_step
+
+    # One instant for every step, so their rows line up in time.
+    end = _utc(end) or datetime.now(UTC)
+    steps = {
+        "historical": historical_step(end, days, online),
+        "graph": graph_step(end, online),
+        "text": text_step(end, online),
+    }
+    run_steps(steps, master=master)

@@ -35,7 +35,7 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
@@ -445,6 +445,12 @@ class UserFeatureState:
         )
         return dict(zip(_USER_ROW, values, strict=True))
 
+    def newest_items(self) -> Iterator[tuple[str, str]]:
+        """``(user_id, item_id)`` of every user's newest non-impression item."""
+        for user_id, user in self._users.items():
+            if user.recent:
+                yield user_id, next(reversed(user.recent))
+
     def __contains__(self, user_id: object) -> bool:
         return user_id in self._users
 
@@ -558,6 +564,7 @@ class RealtimeFeatureEngine:
     >>> engine = RealtimeFeatureEngine(allowed_lateness=timedelta(minutes=10))
     >>> engine.catalog_update(Item(item_id="i1", title="Boots", category="shoes",
     ...                            created_at=datetime(2025, 1, 1, tzinfo=UTC)))
+    set()
     >>> t0 = datetime(2026, 1, 2, 12, tzinfo=UTC)
     >>> def view(n, minutes):
     ...     return Event(event_id=f"7d3c1d3e-0000-4000-8000-00000000000{n}", event_type="view",
@@ -585,6 +592,11 @@ class RealtimeFeatureEngine:
         self._catalog_lookup = catalog_lookup
         self.users = UserFeatureState(self.category, allowed_lateness=allowed_lateness)
         self.items = ItemFeatureState(allowed_lateness=allowed_lateness)
+        # Users whose newest item had no known category when their row was built, by that
+        # item (and the reverse): catalog records travel on their own topic and may come
+        # after the events, and then those rows must be built again.
+        self._awaiting: dict[str, set[str]] = {}
+        self._awaited_by: dict[str, str] = {}
 
     def apply(self, events: Iterable[Event]) -> ApplyResult:
         """Fold a micro-batch in, in arrival order; report what changed."""
@@ -593,15 +605,41 @@ class RealtimeFeatureEngine:
 
     def user_row(self, user_id: str) -> dict[str, Any]:
         """Current ``user_realtime`` row; ``KeyError`` for a user never seen."""
-        return self.users.row(user_id)
+        row = self.users.row(user_id)
+        recent = row["recent_items"]
+        # A category is never empty (the contract), so "" means "not known yet".
+        self._await_category(user_id, recent[0] if recent and not row["last_category"] else None)
+        return row
+
+    def _await_category(self, user_id: str, item_id: str | None) -> None:
+        before = self._awaited_by.get(user_id)
+        if before == item_id:
+            return
+        if before is not None:
+            waiting = self._awaiting[before]
+            waiting.discard(user_id)
+            if not waiting:
+                del self._awaiting[before]
+            del self._awaited_by[user_id]
+        if item_id is not None:
+            self._awaited_by[user_id] = item_id
+            self._awaiting.setdefault(item_id, set()).add(user_id)
 
     def item_row(self, item_id: str) -> dict[str, Any]:
         """Current ``item_realtime`` row; ``KeyError`` for an item never seen."""
         return self.items.row(item_id)
 
-    def catalog_update(self, item: Item) -> None:
-        """Record an item's category (used by ``last_category`` from the next row on)."""
+    def catalog_update(self, item: Item) -> set[str]:
+        """Record an item's category (used by ``last_category`` from the next row on).
+
+        Returns the users whose last row lacked this category, because it was their newest
+        item and still unknown: their rows change now, although no event of theirs did.
+        """
         self._categories[item.item_id] = item.category
+        waiting = self._awaiting.pop(item.item_id, set())
+        for user_id in waiting:
+            del self._awaited_by[user_id]
+        return waiting
 
     def category(self, item_id: str) -> str | None:
         category = self._categories.get(item_id)
@@ -648,3 +686,8 @@ class RealtimeFeatureEngine:
         users.load_state(state["users"])
         items.load_state(state["items"])
         self._categories, self.users, self.items = state["categories"], users, items
+        # Rows written before the snapshot may lack a category the catalog has yet to send.
+        self._awaiting, self._awaited_by = {}, {}
+        for user_id, item_id in users.newest_items():
+            if self.category(item_id) is None:
+                self._await_category(user_id, item_id)

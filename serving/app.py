@@ -27,27 +27,43 @@ from fastapi import FastAPI
 from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
+from serving.auth import ApiKeyAuth, ApiKeys, scope_for, security_schemes
+from serving.dashboard import install_dashboard
 from serving.limits import BodySizeLimit
+from serving.metrics import RequestCounter, ServingMetrics
 from serving.publisher import ProducerFactory, Publisher, api_producer
-from serving.routers import events, health
+from serving.routers import events, health, items, recommendations, users
+from serving.runtime import ServingRuntime
 from streamrec.contract import Event
 from streamrec.settings import Settings, get_settings
 
 DESCRIPTION = """
-Ingestion (and, later, recommendations) for **streamrec**, a streaming recommender.
+Recommendations and ingestion for **streamrec**, a streaming recommender.
 
+* `POST /v1/recommendations` ranks candidates for a user with fresh features from Feast,
+  a PyTorch ranker and a River online model, and logs what it showed.
+* `GET /v1/items/{item_id}/similar`, `GET /v1/users/{user_id}/features` look inside.
 * `POST /v1/events` writes user events into Kafka, validated one by one against the
   event contract v1 (the `Event` schema below), with a result per record.
-* `GET /healthz` tells whether the process is alive.
+* `GET /healthz` (alive), `GET /readyz` (dependencies), `GET /metrics` (Prometheus).
 
 Configuration comes from `STREAMREC_*` environment variables. The API starts and stays up
-while Kafka is down: writes then answer 503 with `Retry-After`, and the API reconnects on
-the next request once Kafka is back.
+while Kafka, the online store or the models are missing: recommendations then degrade to
+trending and new items (`degraded: true`), writes answer 503 with `Retry-After`, and
+everything reconnects by itself.
+
+**Access.** When `STREAMREC_API_KEYS` is set (`key1:ingest+read,key2:read`), every endpoint
+but `/healthz`, `/readyz`, `/metrics` and the documentation needs a key in `X-API-Key` (or
+`Authorization: Bearer`): scope `ingest` for `/v1/events`, `read` for the rest. A missing
+or unknown key answers 401, a key without the scope 403.
 """
 
 TAGS = [
+    {"name": "recommendations", "description": "Top-k items for a user."},
+    {"name": "items", "description": "What the catalog indexes know about an item."},
+    {"name": "users", "description": "What the feature store knows about a user."},
     {"name": "events", "description": "Ingest user actions into the event log."},
-    {"name": "health", "description": "Probes for orchestrators."},
+    {"name": "health", "description": "Probes and metrics for orchestrators."},
 ]
 
 
@@ -59,7 +75,7 @@ def create_app(
     Parameters
     ----------
     settings
-        Kafka address, topic names and API limits.
+        Kafka address, topic names, API limits and keys, the ``serving_*`` settings.
     producer_factory
         Builds the ``KafkaProducer`` from the settings; called lazily, on the first request
         that writes and again after a Kafka failure, never at start-up.
@@ -70,9 +86,13 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         publisher = Publisher(settings, producer_factory)
         app.state.publisher = publisher
+        runtime = ServingRuntime(settings, app.state.metrics)
+        runtime.start()
+        app.state.runtime = runtime
         try:
             yield
         finally:
+            await run_in_threadpool(runtime.close)
             await run_in_threadpool(publisher.close)
 
     app = FastAPI(
@@ -83,15 +103,25 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = metrics = ServingMetrics()
+    keys = ApiKeys.parse(settings.api_keys.get_secret_value())
     app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
+    app.add_middleware(RequestCounter, metrics=metrics)
+    # Added last, so it runs first: an unauthenticated body is never read.
+    app.add_middleware(ApiKeyAuth, keys=keys)
     app.include_router(health.router)
+    app.include_router(recommendations.router)
+    app.include_router(items.router)
+    app.include_router(users.router)
     app.include_router(events.router)
-    app.openapi = _openapi_with_contract(app)  # type: ignore[method-assign]
+    install_dashboard(app)
+    app.openapi = _openapi_with_contract(app, secured=bool(keys))  # type: ignore[method-assign]
     return app
 
 
-def _openapi_with_contract(app: FastAPI) -> Callable[[], dict[str, Any]]:
-    """FastAPI's schema plus the event contract, which no route parses as a whole body."""
+def _openapi_with_contract(app: FastAPI, *, secured: bool) -> Callable[[], dict[str, Any]]:
+    """FastAPI's schema plus the event contract, which no route parses as a whole body,
+    and, when keys are configured, the key schemes on every operation that needs one."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -103,6 +133,24 @@ def _openapi_with_contract(app: FastAPI) -> Callable[[], dict[str, Any]]:
             schema.setdefault("components", {}).setdefault("schemas", {}).update(
                 contract["$defs"]
             )
+            if secured:
+                _add_security(schema)
         return app.openapi_schema  # type: ignore[return-value]
 
     return openapi
+
+
+def _add_security(schema: dict[str, Any]) -> None:
+    """Declare the key schemes, and on each operation the scope it needs (in words: OpenAPI
+    scopes belong to OAuth2 only)."""
+    schema["components"]["securitySchemes"] = security_schemes()
+    for path, operations in schema.get("paths", {}).items():
+        needed = scope_for(path)
+        if needed is None:
+            continue
+        for operation in operations.values():
+            operation["security"] = [{"ApiKey": []}, {"Bearer": []}]
+            operation["description"] = (
+                f"{operation.get('description', '')}\n\n**Requires an API key with the "
+                f"`{needed}` scope.**"
+            ).strip()

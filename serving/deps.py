@@ -1,8 +1,9 @@
 """Request dependencies: what a route may ask of the running app.
 
-``create_app`` puts the settings on ``app.state`` and the lifespan adds the publisher;
-routes declare ``settings: SettingsDep`` or ``publisher: PublisherDep`` instead of reaching
-into globals, so each app instance (and each test) stays independent.
+``create_app`` puts the settings and metrics on ``app.state`` and the lifespan adds the
+publisher and the recommendation runtime; routes declare ``settings: SettingsDep``,
+``publisher: PublisherDep``, ``runtime: RuntimeDep`` or ``metrics: MetricsDep`` instead of
+reaching into globals, so each app instance (and each test) stays independent.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from serving.metrics import ServingMetrics
 from serving.publisher import Publisher
+from serving.runtime import ServingRuntime
 from streamrec.settings import Settings
 
 
@@ -29,3 +32,19 @@ def app_publisher(request: Request) -> Publisher:
 
 SettingsDep = Annotated[Settings, Depends(app_settings)]
 PublisherDep = Annotated[Publisher, Depends(app_publisher)]
+
+
+def app_runtime(request: Request) -> ServingRuntime:
+    """The recommendation runtime (catalog, feed, models, store access; set by the lifespan)."""
+    runtime: ServingRuntime = request.app.state.runtime
+    return runtime
+
+
+def app_metrics(request: Request) -> ServingMetrics:
+    """The app's Prometheus metrics."""
+    metrics: ServingMetrics = request.app.state.metrics
+    return metrics
+
+
+RuntimeDep = Annotated[ServingRuntime, Depends(app_runtime)]
+MetricsDep = Annotated[ServingMetrics, Depends(app_metrics)]

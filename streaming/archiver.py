@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 from kafka import TopicPartition
 
 from streaming.consumer import Failure, Message, StreamConsumer
-from streaming.metrics import WorkerReporter
+from streaming.metrics import WorkerReporter, status_folder
 from streamrec.contract import Event, Item, parse_event, parse_item
 from streamrec.settings import Settings
 
@@ -349,6 +349,7 @@ def run_archiver(
             "impression_rows": archives[settings.topic_impressions].rows_written,
             "item_rows": items.rows_written,
         },
+        status_dir=status_folder(settings),
     )
     reporter.start(metrics_port)
     try:

@@ -196,16 +196,37 @@ def api(
 
 @app.command("demo")
 def demo(
-    events: Annotated[int, typer.Option(help="How many simulated events to stream.")] = 20_000,
-    rate: Annotated[float, typer.Option(help="Events per second to stream.", min=1)] = 2000,
+    history_days: Annotated[
+        float, typer.Option(help="Days of past traffic streamed before batch and training.")
+    ] = 7.0,
+    history_events: Annotated[
+        int, typer.Option(help="At most this many history events.")
+    ] = 100_000,
+    events: Annotated[int, typer.Option(help="Live events once the API serves.")] = 20_000,
+    rate: Annotated[float, typer.Option(help="Live events per second.", min=1)] = 1_000,
+    request_rate: Annotated[
+        float, typer.Option(help="Recommendation requests per second of the latency probe.")
+    ] = 20,
+    serve: Annotated[
+        bool, typer.Option(help="Keep serving after the summary until Ctrl-C.")
+    ] = True,
     keep_kafka: Annotated[bool, typer.Option(help="Leave the broker running afterwards.")] = False,
 ) -> None:
-    """Run the local pipeline end to end on embedded defaults and print a summary."""
+    """Run the whole pipeline locally on embedded defaults and print a summary."""
     from streaming.broker import BrokerError
-    from streamrec.demo import run_demo
+    from streamrec.demo import DemoOptions, run_demo
 
+    options = DemoOptions(
+        history_days=history_days,
+        history_events=history_events,
+        live_events=events,
+        rate=rate,
+        request_rate=request_rate,
+        serve=serve,
+        keep_kafka=keep_kafka,
+    )
     try:
-        code = run_demo(get_settings(), n_events=events, rate=rate, keep_kafka=keep_kafka)
+        code = run_demo(get_settings(), options)
     except BrokerError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -214,14 +235,28 @@ def demo(
 
 def _register_subcommands() -> None:
     # Each module keeps its heavy imports (Spark, torch) inside its commands.
+    from features.backfill_cli import backfill_command
     from features.batch_cli import batch_app
+    from streaming.catalog_cli import catalog_command
+    from streaming.dlq_cli import replay_command
+    from streaming.learner_cli import learner_command
     from streaming.sources_cli import replay_app, simulate_command
     from training.evaluate_cli import evaluate_app
+    from training.registry_cli import models_app
+    from training.report import report_app
+    from training.train_loop import train_command
 
     app.command("simulate")(simulate_command)
+    worker_app.command("catalog")(catalog_command)
+    app.command("backfill")(backfill_command)
+    dlq_app.command("replay")(replay_command)
     app.add_typer(replay_app, name="replay", help="Replay public datasets as events.")
     app.add_typer(batch_app, name="batch", help="Spark batch jobs over the event log.")
     app.add_typer(evaluate_app, name="evaluate", help="Offline evaluation on public datasets.")
+    app.add_typer(models_app, name="models", help="Model registry: versions and champions.")
+    worker_app.command("learner")(learner_command)
+    app.add_typer(report_app, name="report", help="Reports: model quality against cost.")
+    app.command("train")(train_command)
 
 
 _register_subcommands()

@@ -36,6 +36,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import SchemaValidator
+from pydantic_core import core_schema as cs
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_FUTURE_SKEW = timedelta(minutes=5)
@@ -51,6 +53,7 @@ __all__ = [
     "ValidationError",
     "describe_error",
     "error_details",
+    "parse_canonical_event",
     "parse_event",
     "parse_item",
 ]
@@ -254,6 +257,119 @@ def _context(max_future_skew: timedelta | None, now: datetime | None) -> dict[st
     return {"max_future_skew": max_future_skew, "now": now}
 
 
+# --- the canonical fast path ------------------------------------------------------------
+# Event's validators run in Python and cost two thirds of validating an event. The wire
+# form producers actually send (Event.to_json: lower-case UUID, UTC "Z" timestamps,
+# upper-case countries, string extras) can be checked entirely by pydantic-core instead,
+# building the very same Event. Anything else is left to the full validator, so accepting
+# is the only thing this path ever decides (tests/test_contract.py holds it to that).
+
+
+def _optional(schema: cs.CoreSchema) -> cs.ModelField:
+    return cs.model_field(cs.with_default_schema(cs.nullable_schema(schema), default=None))
+
+
+def _text(max_length: int, min_length: int = 0) -> cs.CoreSchema:
+    return cs.str_schema(min_length=min_length, max_length=max_length, strict=True)
+
+
+def _canonical_event_validator() -> SchemaValidator:
+    ident = _text(128, min_length=1)
+    context_fields = {
+        "device": _optional(cs.enum_schema(Device, list(Device), sub_type="str")),
+        "country": _optional(cs.literal_schema(sorted(ISO_COUNTRIES))),
+        "page": _optional(_text(2048)),
+        "referrer": _optional(_text(2048)),
+        "query": _optional(_text(1024)),
+    }
+    event_fields = {
+        "event_id": cs.model_field(
+            cs.str_schema(pattern=r"^[0-9a-f]{8}-(?:[0-9a-f]{4}-){3}[0-9a-f]{12}$", strict=True)
+        ),
+        "event_type": cs.model_field(cs.enum_schema(EventType, list(EventType), sub_type="str")),
+        "user_id": cs.model_field(ident),
+        "item_id": _optional(ident),
+        "items": _optional(cs.list_schema(ident, max_length=1000, strict=True)),
+        # fromisoformat reads "...Z" as UTC: the value the full validator normalises to.
+        "ts": cs.model_field(
+            cs.no_info_after_validator_function(
+                datetime.fromisoformat,
+                cs.str_schema(
+                    pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}"
+                    r"(?:\.[0-9]{3}|\.[0-9]{6})?Z$",
+                    strict=True,
+                ),
+            )
+        ),
+        "session_id": _optional(ident),
+        "context": _optional(
+            cs.model_schema(
+                Context,
+                cs.model_fields_schema(
+                    context_fields, extra_behavior="allow", extras_schema=cs.str_schema(strict=True)
+                ),
+                extra_behavior="allow",
+            )
+        ),
+        "request_id": _optional(ident),
+        "position": _optional(cs.int_schema(ge=0, le=10_000, strict=True)),
+        "schema_version": cs.model_field(
+            cs.with_default_schema(
+                cs.int_schema(ge=SCHEMA_VERSION, le=SCHEMA_VERSION, strict=True),
+                default=SCHEMA_VERSION,
+            )
+        ),
+    }
+    # A field added to the models must be added here too: fail at import, not silently.
+    if set(event_fields) != set(Event.model_fields) or set(context_fields) != set(
+        Context.model_fields
+    ):
+        raise RuntimeError("the canonical event schema is out of step with Event/Context")
+    fields = cs.model_fields_schema(event_fields, extra_behavior="forbid")
+    return SchemaValidator(cs.model_schema(Event, fields, extra_behavior="forbid"))
+
+
+_CANONICAL_EVENT = _canonical_event_validator()
+
+
+def parse_canonical_event(
+    data: bytes | str,
+    *,
+    max_future_skew: timedelta | None = DEFAULT_MAX_FUTURE_SKEW,
+    now: datetime | None = None,
+) -> Event | None:
+    """:func:`parse_event` of wire JSON in its canonical form, about 3x faster; else ``None``.
+
+    Returns exactly the :class:`Event` that :func:`parse_event` returns, when the record is
+    in the form :meth:`Event.to_json` writes (lower-case UUID, a UTC ``Z`` timestamp with
+    0, 3 or 6 fractional digits, upper-case country, string-valued context extras, integers
+    as JSON integers). ``None`` means only "not decided here": call :func:`parse_event`,
+    which accepts the other valid forms and explains the invalid ones.
+
+    Examples
+    --------
+    >>> raw = (b'{"event_id":"0b7e4c1e-5a7e-4f0c-9d0a-1f2e3d4c5b6a","event_type":"view",'
+    ...        b'"user_id":"u1","item_id":"i9","ts":"2026-01-02T03:04:05Z"}')
+    >>> parse_canonical_event(raw) == parse_event(raw)
+    True
+    >>> parse_canonical_event(raw.replace(b"Z", b"+00:00")) is None  # valid, not canonical
+    True
+    """
+    try:
+        event: Event = _CANONICAL_EVENT.validate_json(data)
+    except ValidationError:
+        return None
+    # What Event's model validator and the clock check add to the field schemas.
+    if event.event_type is EventType.IMPRESSION:
+        if event.item_id is None and not event.items:
+            return None
+    elif event.item_id is None or event.items is not None:
+        return None
+    if max_future_skew is not None and event.ts > (now or datetime.now(UTC)) + max_future_skew:
+        return None
+    return event
+
+
 def parse_event(
     data: bytes | str | dict[str, Any],
     *,
@@ -264,11 +380,15 @@ def parse_event(
 
     Raises :class:`pydantic.ValidationError` with field-level detail. ``max_future_skew=None``
     turns the clock check off (replays of historical data validated long after the fact
-    never trip it anyway, as it only bounds the future).
+    never trip it anyway, as it only bounds the future). Wire JSON in canonical form takes
+    :func:`parse_canonical_event`'s fast path, with the same result.
     """
     ctx = _context(max_future_skew, now)
     if isinstance(data, dict):
         return Event.model_validate(data, context=ctx)
+    event = parse_canonical_event(data, max_future_skew=max_future_skew, now=now)
+    if event is not None:
+        return event
     return Event.model_validate_json(data, context=ctx)
 
 

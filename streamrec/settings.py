@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -57,6 +57,15 @@ class Settings(BaseSettings):
     feature_writer_group: str = Field(
         "feature-writer", description="Consumer group of the feature writer."
     )
+    catalog_group: str = Field(
+        "catalog",
+        description="Consumer group of the catalog worker (text vectors of new items).",
+    )
+    dlq_replay_group: str = Field(
+        "dlq-replay",
+        description="Consumer group `streamrec dlq replay` records its progress through the "
+        "dead-letter topics in (a replay resumes there; nothing is re-driven twice).",
+    )
 
     feature_allowed_lateness_s: float = Field(
         600.0,
@@ -75,6 +84,13 @@ class Settings(BaseSettings):
         ge=0,
         description="The same for item rows (an impression touches many items; their "
         "hour/day counts move slowly).",
+    )
+    feature_backlog_flush_interval_ms: float = Field(
+        2000.0,
+        ge=0,
+        description="A feature writer that is behind its input (records behind / its rate) "
+        "writes each entity at most once per that lag, up to this: features are that stale "
+        "anyway, and coalescing cuts online writes while it catches up.",
     )
     feature_snapshot_interval_s: float = Field(
         30.0,
@@ -139,6 +155,103 @@ class Settings(BaseSettings):
         description="How long the API waits for Kafka to acknowledge a batch before "
         "reporting its records as failed (503).",
     )
+    api_keys: SecretStr = Field(
+        SecretStr(""),
+        description="API keys with scopes, e.g. `key1:ingest+read,key2:read`; empty: no "
+        "authentication. Scopes: `ingest` (POST /v1/events), `read` (everything else but "
+        "health and metrics). Clients send `X-API-Key` or `Authorization: Bearer`.",
+    )
+
+    # --- Recommendations (serving/) -------------------------------------------------------
+    serving_max_candidates: int = Field(
+        200, ge=1, le=1000, description="Candidates scored per recommendation request."
+    )
+    serving_online_weight: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="Weight of the online (River) model's score in the blend with the "
+        "ranker's: score = (1 - w) * ranker + w * online.",
+    )
+    serving_category_share: float = Field(
+        0.4,
+        gt=0,
+        le=1,
+        description="Diversity: at most ceil(k * share) recommended items per category "
+        "(filled past the cap only when too few other items remain).",
+    )
+    serving_ann_seeds: int = Field(
+        5, ge=0, description="The user's most recent items used as seeds of the "
+        "nearest-neighbour and co-visitation candidates."
+    )
+    serving_ann_neighbors: int = Field(
+        40, ge=1, description="Neighbours taken per seed item: nearest in graph (or text) "
+        "space, and co-visitation."
+    )
+    serving_trending_per_scope: int = Field(
+        40, ge=0, description="Trending candidates from the request's context, and overall."
+    )
+    serving_trending_half_life_s: float = Field(
+        1800.0, gt=0, description="Half-life of the in-process trending counts."
+    )
+    serving_trending_lookback_s: float = Field(
+        3600.0,
+        ge=0,
+        description="At start the API reads the events topic from this long ago, to warm "
+        "its trending counts and recent-purchase cache.",
+    )
+    serving_fresh_max_age_s: float = Field(
+        7 * 86_400.0, gt=0, description="Catalog items younger than this count as new."
+    )
+    serving_fresh_per_category: int = Field(
+        5, ge=0, description="Newest items per category offered as candidates."
+    )
+    serving_catalog_refresh_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often the API looks for new item_embeddings / item_profile Parquet "
+        "parts to add to its nearest-neighbour indexes.",
+    )
+    serving_model_poll_s: float = Field(
+        5.0, gt=0, description="How often the API checks the registry for new champions."
+    )
+    serving_store_retry_s: float = Field(
+        1.0,
+        gt=0,
+        description="After an online-store failure, requests skip the store (degraded) for "
+        "this long before trying it again.",
+    )
+    serving_impression_queue: int = Field(
+        10_000,
+        ge=1,
+        description="Impressions waiting for Kafka; beyond this they are dropped (counted), "
+        "never blocking a response.",
+    )
+    serving_torch_threads: int = Field(
+        1, ge=1, description="PyTorch threads per ranker call in the API (requests run "
+        "concurrently, so one thread each avoids oversubscription)."
+    )
+    serving_threads: int = Field(
+        1,
+        ge=1,
+        description="Recommendations computed at once per API process. The work is CPU "
+        "bound under the GIL: more threads only time-slice it (every request slower), so "
+        "requests queue instead; raise it when the online store is remote (Redis).",
+    )
+    serving_queue_timeout_ms: float = Field(
+        200.0,
+        gt=0,
+        description="A recommendation that waited longer than this for a thread (overload) "
+        "is answered at once from trending and new items, flagged degraded (`overload`), "
+        "so latency stays bounded instead of every answer timing out.",
+    )
+    serving_catalog_features: bool = Field(
+        True,
+        description="Take the candidates' item_profile and item_embeddings features from the "
+        "API's catalog snapshot (the views' Parquet, also behind the nearest-neighbour "
+        "indexes) instead of the online store; the batched online read then covers the "
+        "user views and the fast-moving item views only.",
+    )
 
     # --- Batch jobs (Spark) ---------------------------------------------------------------
     spark_master: str = Field(
@@ -150,11 +263,117 @@ class Settings(BaseSettings):
         "2g", description="JVM heap of the Spark driver (all of a local run's memory)."
     )
 
+    # --- Item graph and its embeddings (Spark; features/item_graph.py) -------------------
+    graph_days: int = Field(
+        30, ge=1, description="Days of the event log, up to the run's end, the item graph reads."
+    )
+    graph_pair_window: int = Field(
+        3, ge=1, description="Each item of a session is linked to this many items after it."
+    )
+    graph_min_weight: float = Field(
+        2.0, ge=0, description="Co-occurrence edges lighter than this (summed) are pruned."
+    )
+    graph_min_degree: int = Field(
+        1, ge=1, description="Items with fewer neighbours than this (after pruning) are dropped."
+    )
+    graph_walks_per_node: int = Field(10, ge=1, description="Random walks started per item.")
+    graph_walk_length: int = Field(
+        10, ge=2,
+        description="Items per random walk (20 embedded no better on simulator logs, at twice "
+        "the cost).",
+    )
+    graph_vector_size: int = Field(
+        64, ge=1,
+        description="Dimension of the graph vectors; must equal GRAPH_DIM of "
+        "feature_repo/item_embeddings.py.",
+    )
+    graph_window_size: int = Field(5, ge=1, description="Word2Vec context window, in walk steps.")
+    graph_min_count: int = Field(
+        5, ge=1, description="Word2Vec ignores items appearing fewer times in all walks."
+    )
+    graph_neighbors: int = Field(
+        50, ge=1, description="Co-visitation neighbours kept per item (view item_neighbors)."
+    )
+    graph_seed: int = Field(0, description="Seed of the random walks and of Word2Vec.")
+
     # --- Training and evaluation ----------------------------------------------------------
     torch_threads: int = Field(
         0, ge=0,
         description="CPU threads of PyTorch training and inference (0: one per core). "
         "Fewer than the cores helps when other processes share the machine.",
+    )
+    label_attribution_window_s: float = Field(
+        1800.0,
+        gt=0,
+        description="An action (click, add to cart, purchase) within this long after an "
+        "impression labels the shown item positive; afterwards the slot is a negative.",
+    )
+    label_sampled_negatives: int = Field(
+        4,
+        ge=1,
+        description="Without impressions (cold system, replayed datasets): catalog items "
+        "sampled as negatives per positive interaction.",
+    )
+    train_window_days: float = Field(
+        7.0, gt=0, description="Days of labelled examples `streamrec train` learns from."
+    )
+    train_holdout_fraction: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="Newest share of the window's examples (by time) held out to evaluate "
+        "and compare candidate and champion.",
+    )
+    train_promotion_metric: Literal["ndcg@10", "auc"] = Field(
+        "ndcg@10",
+        description="Holdout metric (per request) a candidate must improve to be promoted.",
+    )
+    train_promotion_tolerance: float = Field(
+        0.002,
+        ge=0,
+        description="A candidate is promoted only if it beats the champion's promotion "
+        "metric by more than this.",
+    )
+    train_pit_chunk_rows: int = Field(
+        50_000,
+        ge=1,
+        description="Label rows per Feast point-in-time join call (bounds the join's memory).",
+    )
+    train_pit_engine: Literal["asof", "feast"] = Field(
+        "asof",
+        description="Point-in-time join of training data: `feast` (get_historical_features "
+        "of the file offline store; slow on list columns) or `asof` (the same join of the "
+        "same Feast views and folders with pandas merge_asof; tested equal).",
+    )
+
+    # --- Online learner (River; streaming/learner.py) --------------------------------------
+    learner_group: str = Field(
+        "online-learner", description="Consumer group of the online learner."
+    )
+    learner_attribution_window_s: float = Field(
+        300.0,
+        gt=0,
+        description="The online learner's attribution window: shorter than the batch "
+        "labels' (label_attribution_window_s), so that it learns within minutes. Labels "
+        "are final when it closes; an action after it counts as positive only in batch.",
+    )
+    learner_allowed_lateness_s: float = Field(
+        60.0,
+        ge=0,
+        description="How long the online learner keeps a closed window open for late "
+        "actions (its labels wait this much longer).",
+    )
+    learner_snapshot_examples: int = Field(
+        20_000,
+        ge=1,
+        description="The online learner registers (and promotes) a snapshot of its model "
+        "after this many labelled examples...",
+    )
+    learner_snapshot_interval_s: float = Field(
+        300.0, gt=0, description="...or after this long, whichever comes first."
+    )
+    learner_keep_snapshots: int = Field(
+        10, ge=2, description="Online-model versions kept in the registry (older are pruned)."
     )
 
     def dlq_topic(self, topic: str) -> str:

@@ -7,14 +7,19 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streamrec.contract import (
     Device,
+    Event,
     EventType,
     ValidationError,
     describe_error,
     error_details,
+    parse_canonical_event,
     parse_event,
     parse_item,
 )
@@ -129,3 +134,118 @@ def test_catalog_records_validate_too() -> None:
         with pytest.raises(ValidationError) as exc:
             parse_item(data, now=NOW)
         assert field in {e["loc"][0] for e in error_details(exc.value)}
+
+
+# --- the canonical fast path ----------------------------------------------------------------
+
+_MISSING = object()
+_UUID_LOWER = "0b7e4c1e-5a7e-4f0c-9d0a-1f2e3d4c5b6a"
+_IDS = ["", "x" * 129, 5, None, _MISSING]
+# Per field: the values producers usually send, then unusual, non-canonical and invalid ones.
+_FIELD_VARIANTS: dict[str, tuple[list[Any], list[Any]]] = {
+    "event_id": ([_UUID_LOWER], [_UUID_LOWER.upper(), "0B7e4c1e-5a7e-4f0c-9d0a-1f2e3d4c5b6a",
+                                 "123", 5, _UUID_LOWER + "\n", "{" + _UUID_LOWER + "}", None,
+                                 _MISSING]),
+    "event_type": ([t.value for t in EventType], ["VIEW", "buy", 1, None, _MISSING]),
+    "user_id": (["u1", "x" * 128, "ü-1"], _IDS),
+    "item_id": (["i1", _MISSING], _IDS),
+    "items": ([_MISSING, ["a", "b"]], [None, [], ["a"] * 1000, ["a"] * 1001, "a", [1],
+                                        ["", "b"]]),
+    "ts": (["2026-06-01T11:59:00Z", "2026-06-01T11:59:00.123Z", "2026-06-01T11:59:00.123456Z"],
+           ["2026-06-01T11:59:00.1Z", "2026-06-01T11:59:00.1234567Z",
+            "2026-06-01T11:59:00+00:00", "2026-06-01T13:59:00+02:00", "2026-06-01T06:59:00-05:00",
+            "2026-06-01 11:59:00Z", "2026-06-01T11:59:00z", "2026-06-01T11:59:00",
+            "2026-06-01T12:04:59Z", "2026-06-01T12:06:00Z", "2026-02-30T00:00:00Z",
+            "2026-06-01T24:00:00Z", 1780000000, "yesterday", None, _MISSING]),
+    "session_id": (["s1", _MISSING], _IDS),
+    "request_id": (["r1", _MISSING], _IDS),
+    "context": ([_MISSING, {"device": "mobile"}, {"device": "tablet", "country": "FR", "ab": "b"}],
+                [None, {}, {"device": "MOBILE"}, {"device": "fridge"}, {"device": None},
+                 {"country": "de"}, {"country": "XX"}, {"country": 49}, {"page": "p" * 2048},
+                 {"page": "p" * 2049}, {"query": "q" * 1025}, {"referrer": None}, {"ab": 3},
+                 {"flags": {"x": True}}, "mobile"]),
+    "position": ([_MISSING, 3], [None, 0, 10_000, 10_001, -1, 3.0, "3", True]),
+    "schema_version": ([_MISSING, 1], [2, 1.0, "1", True, None]),
+    "colour": ([_MISSING], ["red"]),
+}
+
+
+@st.composite
+def _wire_events(draw: st.DrawFn) -> bytes:
+    doc = {}
+    for name, (usual, unusual) in _FIELD_VARIANTS.items():
+        # Mostly usual values, so that both verdicts are common and every field is probed.
+        doc[name] = draw(st.sampled_from(unusual if draw(st.integers(0, 7)) == 0 else usual))
+    raw = json.dumps({k: v for k, v in doc.items() if v is not _MISSING})
+    if draw(st.integers(0, 7)) == 0:  # a repeated key: the last one wins
+        raw = raw[:-1] + ', "user_id": "dup"}'
+    return raw.encode()
+
+
+def _assert_fast_path_agrees(raw: bytes, skew: timedelta | None) -> bool:
+    """The fast path accepts only what parse_event accepts, to the same Event; its verdict."""
+    fast = parse_canonical_event(raw, now=NOW, max_future_skew=skew)
+    context = {"now": NOW, "max_future_skew": skew}
+    try:  # the full validator, as parse_event ran it before the fast path existed
+        slow: Event | None = Event.model_validate_json(raw, context=context)
+    except ValidationError:
+        slow = None
+    if slow is not None:
+        # Every valid event's wire form takes the fast path, to the same value.
+        assert parse_canonical_event(slow.to_json(), now=NOW, max_future_skew=skew) == slow
+    if fast is None:
+        return False
+    assert slow is not None, raw
+    # The same values, of the same types, with the same fields set, the same wire form.
+    assert fast == slow and repr(fast) == repr(slow)
+    assert fast.model_fields_set == slow.model_fields_set
+    for name in Event.model_fields:
+        assert type(getattr(fast, name)) is type(getattr(slow, name)), name
+    assert fast.ts.tzinfo is slow.ts.tzinfo is UTC
+    if fast.context is not None:
+        assert slow.context is not None
+        assert fast.context.model_fields_set == slow.context.model_fields_set
+        assert fast.context.model_extra == slow.context.model_extra
+    assert fast.to_json() == slow.to_json()
+    # ... and what validating the decoded dict gives (the workers' former decode path).
+    assert Event.model_validate(orjson.loads(raw), context=context) == fast
+    return True
+
+
+_BASES = [
+    {"event_id": _UUID_LOWER, "event_type": "click", "user_id": "u1", "item_id": "i1",
+     "ts": "2026-06-01T11:59:00Z"},
+    {"event_id": _UUID_LOWER, "event_type": "impression", "user_id": "u1", "items": ["a", "b"],
+     "ts": "2026-06-01T11:59:00.123456Z", "context": {"device": "mobile"}},
+]
+
+
+@pytest.mark.parametrize("skew", [timedelta(minutes=5), None])
+@pytest.mark.parametrize("base", _BASES, ids=["click", "impression"])
+def test_the_canonical_fast_path_agrees_on_every_single_field_deviation(
+    base: dict[str, Any], skew: timedelta | None
+) -> None:
+    accepted = 0
+    for name, (usual, unusual) in _FIELD_VARIANTS.items():
+        for value in [*usual, *unusual]:
+            doc = {**base, name: value}
+            raw = json.dumps({k: v for k, v in doc.items() if v is not _MISSING}).encode()
+            accepted += _assert_fast_path_agrees(raw, skew)
+    assert accepted > 20  # the fast path is taken, not just always declined
+
+
+@settings(max_examples=2000, deadline=None)
+@given(raw=_wire_events(), skew=st.sampled_from([timedelta(minutes=5), None]))
+def test_the_canonical_fast_path_agrees_on_random_combinations(
+    raw: bytes, skew: timedelta | None
+) -> None:
+    _assert_fast_path_agrees(raw, skew)
+
+
+def test_parse_event_takes_the_fast_path_for_canonical_wire_json() -> None:
+    canonical = parse_event(json.dumps(event()), now=NOW).to_json()
+    assert parse_canonical_event(canonical, now=NOW) == parse_event(canonical, now=NOW)
+    # Valid but not canonical: left to the full validator, which accepts it.
+    offset = json.dumps(event(ts="2026-06-01T13:59:00+02:00"))
+    assert parse_canonical_event(offset, now=NOW) is None
+    assert parse_event(offset, now=NOW).ts == datetime(2026, 6, 1, 11, 59, tzinfo=UTC)

@@ -27,6 +27,7 @@ from features.store import (
     OnlineFeatureReader,
     OnlineFeatureWriter,
     _entity_key_encoder,
+    _float64,
     apply_repo,
     feature_store,
     registry_exists,
@@ -43,6 +44,7 @@ class Backend:
     settings: Settings
     writer: OnlineFeatureWriter
     reader: OnlineFeatureReader
+    exclusive: OnlineFeatureWriter  # remembers what it stored, like the feature writer's
 
 
 @pytest.fixture(scope="module", params=["sqlite", "redis"])
@@ -57,9 +59,11 @@ def backend(
         settings = Settings(home=home)
     apply_repo(settings)
     writer, reader = OnlineFeatureWriter(settings), OnlineFeatureReader(settings)
-    yield Backend(settings, writer, reader)
+    exclusive = OnlineFeatureWriter(settings, exclusive=True)
+    yield Backend(settings, writer, reader, exclusive)
     writer.close()
     reader.close()
+    exclusive.close()
 
 
 def _event(user: str, minutes: float, kind: str = "view", **fields: Any) -> Event:
@@ -152,6 +156,7 @@ def test_apply_registers_the_repo_once(tmp_path: Path, capsys: pytest.CaptureFix
         "item_stats",
         "item_profile",
         "item_embeddings",
+        "item_neighbors",
     }
     # The real-time schemas are generated from features.definitions, in order.
     for spec in (USER_VIEW, ITEM_VIEW):
@@ -159,7 +164,8 @@ def test_apply_registers_the_repo_once(tmp_path: Path, capsys: pytest.CaptureFix
     embeddings = {f.name: f.vector_length for f in views["item_embeddings"].features}
     assert embeddings == {"graph_vector": 64, "text_vector": 384}
     service = store.get_feature_service(RANKER_SERVICE)
-    assert {p.name for p in service.feature_view_projections} == set(views)
+    # Serving reads item_neighbors for candidates; the ranker does not score with it.
+    assert {p.name for p in service.feature_view_projections} == set(views) - {"item_neighbors"}
     for name in views:  # every source folder exists, ready for part files
         assert (tmp_path / "offline" / name).is_dir()
     with sqlite3.connect(tmp_path / "feast" / "online.db") as conn:
@@ -289,26 +295,94 @@ def test_storage_is_what_feast_push_stores(backend: Backend) -> None:
             client.close()
 
 
-def test_newer_or_equal_event_time_wins(backend: Backend) -> None:
-    template = _engine_rows("ts-")[0][0]
-    template = {**template, "user_id": "ts-user"}
+@pytest.mark.parametrize("exclusive", [False, True], ids=["plain", "exclusive"])
+def test_newer_or_equal_event_time_wins(backend: Backend, exclusive: bool) -> None:
+    user = f"ts-user-{exclusive}"
+    template = {**_engine_rows("ts-")[0][0], "user_id": user}
+    writer = backend.exclusive if exclusive else backend.writer
 
-    def row(minutes: float, views: int) -> dict:
-        return {**template, TIMESTAMP_FIELD: T0 + timedelta(minutes=minutes), "views_5m": views}
+    def row(minutes: float, views: int, key: str = user) -> dict:
+        return {
+            **template,
+            "user_id": key,
+            TIMESTAMP_FIELD: T0 + timedelta(minutes=minutes),
+            "views_5m": views,
+        }
 
-    def views() -> int:
-        return backend.reader.read(["user_realtime:views_5m"], {"user_id": ["ts-user"]})[
-            "views_5m"
-        ][0]
+    def views(key: str = user) -> int:
+        return backend.reader.read(["user_realtime:views_5m"], {"user_id": [key]})["views_5m"][0]
 
-    backend.writer.write(USER_VIEW.name, [row(10, 5)])
-    backend.writer.write(USER_VIEW.name, [row(9, 9)])  # older: ignored
+    writer.write(USER_VIEW.name, [row(10, 5)])
+    writer.write(USER_VIEW.name, [row(9, 9)])  # older: ignored
     assert views() == 5
-    backend.writer.write(USER_VIEW.name, [row(10, 7)])  # equal: a late event, applied
+    writer.write(USER_VIEW.name, [row(10, 7)])  # equal: a late event, applied
     assert views() == 7
     # Within one batch too: the newest row wins, then the last of equals.
-    backend.writer.write(USER_VIEW.name, [row(20, 1), row(15, 2), row(20, 3)])
+    writer.write(USER_VIEW.name, [row(20, 1), row(15, 2), row(20, 3)])
     assert views() == 3
+    writer.write(USER_VIEW.name, [row(30, 4)])  # newer again, over a row this writer stored
+    assert views() == 4
+
+    # A row stored by someone else (a writer before a restart) is respected the same way.
+    other = f"{user}-other"
+    backend.writer.write(USER_VIEW.name, [row(40, 8, other)])
+    writer.write(USER_VIEW.name, [row(35, 1, other), row(38, 2, user)])
+    assert (views(other), views()) == (8, 2)
+    writer.write(USER_VIEW.name, [row(39, 3, other)])
+    assert views(other) == 8
+    writer.write(USER_VIEW.name, [row(40, 6, other)])
+    assert views(other) == 6
+
+
+def test_rows_written_again_are_still_what_feast_push_stores(backend: Backend) -> None:
+    """The exclusive writer updates known entities in place: the bytes stay Feast's."""
+    from feast.data_source import PushMode
+
+    users, _ = _engine_rows("again-")
+    pushed = [{**row, "user_id": "push-" + row["user_id"]} for row in users]
+    final = [{**row, "user_id": "fast-" + row["user_id"]} for row in users]
+    first = [
+        {**row, TIMESTAMP_FIELD: row[TIMESTAMP_FIELD] - timedelta(minutes=1), "views_5m": 99,
+         "last_device": "other", "recent_items": ["x"], "session_duration_s": 0.5}
+        for row in final
+    ]
+    feature_store(backend.settings).push(
+        "user_realtime_push", pd.DataFrame(pushed), to=PushMode.ONLINE
+    )
+    backend.exclusive.write(USER_VIEW.name, first)
+    backend.exclusive.write(USER_VIEW.name, final)  # every entity known now: the update path
+
+    encode = _entity_key_encoder("user_id")
+    for push_row, fast_row in zip(pushed, final, strict=True):
+        a, b = encode(push_row["user_id"]), encode(fast_row["user_id"])
+        assert _stored(backend, a) == _stored(backend, b)
+
+
+def _stored(backend: Backend, key: bytes) -> Any:
+    if backend.settings.online_store == "sqlite":
+        path = repo_config(backend.settings).online_store.path
+        with sqlite3.connect(path) as conn:
+            return conn.execute(
+                "SELECT feature_name, value, value_text, event_ts, created_ts FROM "
+                "streamrec_user_realtime WHERE entity_key = ? ORDER BY feature_name",
+                (key,),
+            ).fetchall()
+    client = redis.Redis.from_url(backend.settings.redis_url)
+    try:
+        return client.hgetall(key + b"streamrec")
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    "value", [0.0, -0.0, 1.5, 0.1, 1e-310, 1.7976931348623157e308, float("inf"), float("nan"), 3]
+)
+def test_float_values_are_encoded_like_feast(value: float) -> None:
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    blob, text = _float64(value)
+    assert blob == Value(double_val=value).SerializeToString()
+    assert text == str(float(value))
 
 
 def test_reader_accepts_row_dicts_and_rejects_unknown_features(backend: Backend) -> None:

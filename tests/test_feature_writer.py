@@ -183,3 +183,35 @@ def test_events_become_readable_through_the_feature_service_within_seconds(
         reader.close()
     assert writer.stats.events == sum(isinstance(r, Event) for r in records)
     assert read_snapshot(snapshot_path(settings)) is not None  # written on shutdown
+
+
+def test_a_writer_behind_its_input_writes_each_entity_less_often_to_the_same_end(
+    kafka_settings: Settings,
+) -> None:
+    """Backlog coalescing (flush intervals stretched to the lag) changes when, not what."""
+    from streaming.feature_writer import FeatureWriter
+
+    ensure_topics(kafka_settings.kafka_bootstrap, stream_topics(kafka_settings), 4)
+    records = _records(30_000, seed=8)
+    with EventProducer(kafka_settings.kafka_bootstrap, kafka_settings.topic_events,
+                       kafka_settings.topic_items) as producer:
+        producer.send_many(records)
+    n = sum(isinstance(r, Event) for r in records)
+    rows = {}
+    for name, backlog_ms in [("steady", 0.0), ("stretched", 2000.0)]:
+        settings = kafka_settings.model_copy(update={
+            "home": kafka_settings.home / name,
+            "feature_writer_group": f"fw-{name}",
+            "feature_backlog_flush_interval_ms": backlog_ms,
+        })
+        apply_repo(settings)
+        writer = FeatureWriter(settings, snapshot_interval_s=3600)
+        consumer = writer.consumer()
+        consumer.run(until=lambda w=writer: w.stats.events >= n)
+        writer.flush()
+        writer.writer.close()
+        assert writer.stats.events == n
+        rows[name] = writer.stats.user_rows + writer.stats.item_rows
+        reference = _reference(records, timedelta(seconds=settings.feature_allowed_lateness_s))
+        _assert_online_equals(settings, reference, records)
+    assert rows["stretched"] < rows["steady"], rows

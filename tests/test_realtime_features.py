@@ -163,6 +163,22 @@ def test_last_category_from_catalog_resolved_when_the_row_is_built() -> None:
     assert engine.user_row("u1")["last_category"] == "comics"
 
 
+def test_a_late_catalog_record_names_the_users_whose_rows_lacked_its_category() -> None:
+    engine = RealtimeFeatureEngine()
+    engine.apply([ev(user="u1", item="a"), ev(user="u2", item="a"), ev(user="u3", item="b"),
+                  ev(user="u4", item="a", seconds=1), ev(user="u4", item="c", seconds=2)])
+    for user in ("u1", "u2", "u3", "u4"):
+        engine.user_row(user)  # rows built, and written, with last_category ""
+    assert engine.catalog_update(cat("a", "shoes")) == {"u1", "u2"}  # u4 has moved on to c
+    assert engine.catalog_update(cat("a", "boots")) == set()  # known now: rows are current
+    assert engine.user_row("u1")["last_category"] == "boots"
+    # A restored engine knows who still waits: rows written before the snapshot lack it too.
+    restored = RealtimeFeatureEngine()
+    restored.restore(engine.snapshot())
+    assert restored.catalog_update(cat("b", "books")) == {"u3"}
+    assert restored.catalog_update(cat("c", "cups")) == {"u4"}
+
+
 def test_last_device_and_country_from_the_newest_event_that_has_them() -> None:
     engine = RealtimeFeatureEngine()
     engine.apply(

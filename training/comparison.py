@@ -8,6 +8,9 @@ choice ever sees a test item:
 - popularity: nothing to tune;
 - co-visitation: a small grid over window, recency and popularity damping;
 - EASE: its L2 strength over a log grid;
+- online: the River online model (:mod:`training.online_eval`) learns the training
+  interactions once, in time order, with sampled negatives; nothing is tuned (it is meant
+  to run on a live stream with its defaults);
 - ranker: trained on the validation split's training data and early-stopped on its
   NDCG@10 (the best epoch's weights are kept). It is not refitted: a refit would add one
   interaction per user (the validation item, under 1% of the data on MovieLens) for the
@@ -47,6 +50,7 @@ from training.evaluation import (
     leave_one_out,
     tune,
 )
+from training.online_eval import OnlineCatalogRanker
 from training.ranker import EpochLog, Ranker, RankerConfig
 
 __all__ = [
@@ -58,7 +62,7 @@ __all__ = [
     "compare_models",
 ]
 
-MODELS: tuple[str, ...] = ("ranker", "popularity", "covisitation", "ease")
+MODELS: tuple[str, ...] = ("ranker", "online", "popularity", "covisitation", "ease")
 #: The ranker for MovieLens: ratings carry no request context (the hour a rating was
 #: typed in is not one), so the context branch is off.
 MOVIELENS_RANKER = RankerConfig(context=())
@@ -99,6 +103,7 @@ def compare_models(
     ranker_config: RankerConfig | None = None,
     ease_grid: Iterable[float] = EASE_GRID,
     covisitation_grid: Iterable[Mapping[str, Any]] = COVISITATION_GRID,
+    categories: Mapping[str, str] | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> list[ModelResult]:
     """Tune, fit and test each of ``models`` (names from :data:`MODELS`), in that order.
@@ -113,6 +118,8 @@ def compare_models(
         The ranker's hyper-parameters (``epochs`` is the most it may train).
     ease_grid, covisitation_grid
         Candidate hyper-parameters, chosen on the validation split.
+    categories
+        Item id → category, read by the online model (user-category crosses).
     log
         Receives one line per step (progress).
     """
@@ -138,6 +145,11 @@ def compare_models(
             )
             params = dict(best)
             model = CoVisitation(**best).fit(split.train)
+        elif name == "online":
+            online = OnlineCatalogRanker(categories=categories).fit(split.train, log=log)
+            params = {"negatives": online.negatives, "rows": online.model.examples,
+                      "param_count": online.model.param_count}
+            model = online
         elif name == "ease":
             l2, _ = tune(
                 lambda v, train: EASE(l2=v).fit(train), ease_grid, validation,

@@ -7,8 +7,8 @@ Register it on the main app::
 
 Progress goes to stderr; stdout gets a table and, as its last line, one JSON object keyed
 by model (``ranker``, ``online``, ``popularity``, ``covisitation``, ``ease``), each with
-``ndcg@10``, ``recall@10``, ``recall@50``, ``hr@10``, ``auc`` and ``fit_seconds``.
-``online`` is ``null``: the River model does not exist yet.
+``ndcg@10``, ``recall@10``, ``recall@50``, ``hr@10``, ``auc`` and ``fit_seconds`` (``null``
+for a model left out with ``--models``).
 
 Until it is registered: ``python -m training.evaluate_cli PATH [OPTIONS]``.
 """
@@ -56,7 +56,6 @@ def _table(results: list[ModelResult]) -> str:
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.params.items()
         )
         lines.append(f"{r.name:<13}{cells}{r.fit_seconds:>9.1f}  {params}")
-    lines.append(f"{'online':<13}  (not built yet: the River online model comes later)")
     return "\n".join(lines)
 
 
@@ -67,8 +66,9 @@ def evaluate_movielens(
                                   "(ratings.csv)."),
     ],
     models: Annotated[
-        str, typer.Option(help="Comma-separated: ranker, popularity, covisitation, ease."),
-    ] = "ranker,popularity,covisitation,ease",
+        str, typer.Option(help="Comma-separated: ranker, online, popularity, covisitation, "
+                                "ease."),
+    ] = "ranker,online,popularity,covisitation,ease",
     epochs: Annotated[
         int | None, typer.Option(min=1, help="Most epochs of the ranker (early-stopped)."),
     ] = None,
@@ -109,13 +109,15 @@ def evaluate_movielens(
     try:
         source = replay_movielens(path)
         data = Interactions.from_records(source)
+        categories = {item.item_id: item.category for item in source.items()}
     except ReplayError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     _log(f"{source.format} at {path}: {len(data):,} interactions, {data.n_users:,} users, "
          f"{data.n_items:,} items (read in {time.perf_counter() - t0:.1f} s, "
          f"torch threads {torch.get_num_threads()})")
-    results = compare_models(data, models=chosen, ranker_config=config, log=_log)
+    results = compare_models(data, models=chosen, ranker_config=config, categories=categories,
+                             log=_log)
 
     if save is not None:
         ranker = next((r.model for r in results if r.name == "ranker"), None)

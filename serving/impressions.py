@@ -1,0 +1,179 @@
+"""What the API showed, logged to Kafka without ever holding up an answer.
+
+A recommendation enqueues one :class:`Shown` record (a tuple's worth of work) into a
+bounded queue and returns; a background thread turns each into a contract-v1 ``impression``
+event (``items`` in shown order, ``request_id``, context, ``ts``) and sends it to
+``settings.topic_impressions``, keyed by ``user_id`` like every user event. The online
+learner joins these with the clicks that follow.
+
+When Kafka is slow or down the queue fills and further impressions are *dropped* and
+counted (``streamrec_api_impressions_total{outcome="dropped"}``) — losing a few impressions
+costs some training labels; blocking or failing recommendations would cost the product.
+Records Kafka refuses are counted as ``failed``.
+
+Examples
+--------
+>>> from datetime import UTC, datetime
+>>> from streamrec.contract import Context
+>>> shown = Shown("u1", ("i3", "i1"), "req-1", Context(device="mobile", country="de"),
+...               datetime(2026, 1, 2, tzinfo=UTC))
+>>> event = impression_event(shown)
+>>> event.event_type.value, event.items, event.request_id, event.context.device.value
+('impression', ['i3', 'i1'], 'req-1', 'mobile')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
+
+from serving.metrics import ServingMetrics
+from streaming.producer import kafka_producer
+from streamrec.contract import Context, Event
+from streamrec.settings import Settings
+
+__all__ = ["ImpressionLog", "Shown", "impression_event"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Shown:
+    """One answered recommendation: who saw which items, in what order, where, when."""
+
+    user_id: str
+    items: tuple[str, ...]
+    request_id: str
+    context: Context | None
+    ts: datetime
+
+
+def impression_event(shown: Shown) -> Event:
+    """The contract-v1 ``impression`` event of a :class:`Shown` record."""
+    return Event.model_validate(
+        {
+            "event_id": str(uuid.uuid4()),
+            "event_type": "impression",
+            "user_id": shown.user_id,
+            "items": list(shown.items),
+            "ts": shown.ts,
+            "request_id": shown.request_id,
+            "context": shown.context,
+        },
+        # The API's own clock stamped it: no skew to guard against.
+        context={"max_future_skew": None},
+    )
+
+
+class ImpressionLog:
+    """A bounded queue of :class:`Shown` records drained to Kafka by a producer thread.
+
+    Parameters
+    ----------
+    settings
+        Bootstrap servers, ``topic_impressions``, queue size and Kafka timeouts.
+    metrics
+        ``streamrec_api_impressions_total`` by outcome.
+    """
+
+    def __init__(self, settings: Settings, metrics: ServingMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._queue: queue.Queue[Shown | None] = queue.Queue(settings.serving_impression_queue)
+        self._sent = metrics.impressions.labels(outcome="sent")
+        self._dropped = metrics.impressions.labels(outcome="dropped")
+        self._failed = metrics.impressions.labels(outcome="failed")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="streamrec-impressions",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def log(self, shown: Shown) -> bool:
+        """Enqueue without waiting; ``False`` (and counted as dropped) when the queue is full."""
+        try:
+            self._queue.put_nowait(shown)
+        except queue.Full:
+            self._dropped.inc()
+            return False
+        return True
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Send what is queued (within ``timeout_s``), then stop."""
+        self._stop.set()
+        with contextlib.suppress(queue.Full):  # wakes the thread if the queue is empty
+            self._queue.put_nowait(None)
+        self._thread.join(timeout=timeout_s + 1)
+
+    def _connect(self) -> KafkaProducer:
+        settings = self.settings
+        return kafka_producer(
+            settings.kafka_bootstrap,
+            linger_ms=20,
+            max_block_ms=settings.api_kafka_max_block_ms,
+            delivery_timeout_ms=settings.api_kafka_ack_timeout_ms,
+            request_timeout_ms=settings.api_kafka_ack_timeout_ms - 20,
+            client_id="streamrec-api-impressions",
+        )
+
+    def _run(self) -> None:
+        producer: KafkaProducer | None = None
+        backoff = 0.5
+        while True:
+            try:
+                shown = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                if self._stop.is_set():
+                    break
+                continue
+            if shown is None:
+                break
+            while producer is None:
+                try:
+                    producer = self._connect()
+                    backoff = 0.5
+                except (KafkaError, OSError) as exc:
+                    log.warning("impressions: cannot reach Kafka (%s); retrying in %.1fs",
+                                exc, backoff)
+                    if self._stop.wait(backoff):
+                        self._failed.inc()
+                        return
+                    backoff = min(backoff * 2, 30.0)
+            if not self._send(producer, shown):
+                producer.close(timeout=1)
+                producer = None
+        if producer is not None:
+            producer.flush(timeout=5)
+            producer.close(timeout=5)
+
+    def _send(self, producer: KafkaProducer, shown: Shown) -> bool:
+        """Hand one impression to the producer; ``False`` if the producer must be replaced."""
+        try:
+            value = impression_event(shown).to_json()
+        except ValueError as exc:  # a context the contract refuses: count, never crash
+            log.warning("impression of request %s not loggable: %s", shown.request_id, exc)
+            self._failed.inc()
+            return True
+        try:
+            future = producer.send(self.settings.topic_impressions,
+                                   key=shown.user_id.encode(), value=value)
+        except KafkaError as exc:
+            log.warning("impressions: Kafka did not take a record (%s)", exc)
+            self._failed.inc()
+            return False
+        future.add_callback(lambda _: self._sent.inc())
+        future.add_errback(lambda _: self._failed.inc())
+        return True

@@ -1,0 +1,295 @@
+"""Everything a recommendation needs that outlives a request, started and stopped together.
+
+:class:`ServingRuntime` owns the online-store access, the catalog and its indexes, the
+trending feed, the served models and the impression log; ``create_app``'s lifespan starts
+it and closes it. Nothing here blocks start-up: each dependency connects in the background
+and the API answers (degraded) until it is there, which is what ``/readyz`` reports.
+
+:class:`FeatureAccess` is the door to the online store. ``OnlineFeatureReader`` already
+reads Feast's own storage several times faster than ``get_online_features``; this adds a
+circuit breaker: after a failure, reads are skipped for ``serving_store_retry_s`` so an
+unreachable store costs one failed attempt per interval rather than a timeout per request.
+
+Examples
+--------
+>>> import tempfile
+>>> settings = Settings(home=tempfile.mkdtemp())
+>>> access = FeatureAccess(settings)
+>>> try:
+...     access.read(["user_realtime:recent_items"], {"user_id": ["u1"]})
+... except StoreUnavailable as exc:
+...     print("unavailable:", type(exc.__cause__).__name__)
+unavailable: FeatureViewNotFoundException
+>>> access.available()
+False
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from features.store import OnlineFeatureReader
+from serving.catalog import CatalogRefresher
+from serving.feed import EventFeed
+from serving.impressions import ImpressionLog
+from serving.metrics import ServingMetrics
+from serving.models import KINDS, ModelWatcher, ServedModels
+from serving.trending import RecentPurchases, TrendingCounts
+from streamrec.settings import Settings
+
+__all__ = ["Admission", "FeatureAccess", "ServingRuntime", "StoreUnavailable"]
+
+log = logging.getLogger(__name__)
+
+
+class StoreUnavailable(Exception):
+    """The online store could not be read (or is being skipped after a failure)."""
+
+
+class FeatureAccess:
+    """``OnlineFeatureReader`` behind a circuit breaker.
+
+    Parameters
+    ----------
+    settings
+        Home, online store choice and ``serving_store_retry_s``.
+
+    The reader is created on first use (and again after a failure to create it), so the
+    API starts before the feature repository is applied.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.retry_s = settings.serving_store_retry_s
+        self._reader: OnlineFeatureReader | None = None
+        self._lock = threading.Lock()
+        self._open_until = 0.0
+        self._services: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+        self.last_error: str | None = None
+
+    def available(self) -> bool:
+        """False while the breaker is open (the last attempt failed recently)."""
+        return time.monotonic() >= self._open_until
+
+    def reader(self) -> OnlineFeatureReader:
+        reader = self._reader
+        if reader is None:
+            with self._lock:
+                if self._reader is None:
+                    self._reader = OnlineFeatureReader(self.settings)
+                reader = self._reader
+        return reader
+
+    def read(
+        self,
+        features: str | Sequence[str],
+        entities: Mapping[str, Sequence[Any]],
+        *,
+        full_feature_names: bool = False,
+    ) -> dict[str, list[Any]]:
+        """``OnlineFeatureReader.read``, or :class:`StoreUnavailable`."""
+        if not self.available():
+            raise StoreUnavailable(f"skipping the online store after: {self.last_error}")
+        try:
+            rows = self.reader().read(features, entities, full_feature_names=full_feature_names)
+        except Exception as exc:  # sqlite3, redis, Feast registry errors alike
+            self.trip(exc)
+            raise StoreUnavailable(str(exc)) from exc
+        self.last_error = None
+        return rows
+
+    def service_features(self, service: str, *, without: Sequence[str] = ()) -> list[str]:
+        """``view:feature`` references of a feature service minus the views ``without``
+        (resolved from the registry once); raises :class:`StoreUnavailable`."""
+        key = (service, tuple(without))
+        refs = self._services.get(key)
+        if refs is None:
+            try:
+                projections = self.reader().store.get_feature_service(
+                    service, allow_cache=True).feature_view_projections
+            except Exception as exc:  # no registry yet, or no such service
+                self.trip(exc)
+                raise StoreUnavailable(str(exc)) from exc
+            refs = self._services[key] = [
+                f"{p.name}:{f.name}" for p in projections if p.name not in without
+                for f in p.features
+            ]
+        return refs
+
+    def trip(self, exc: Exception) -> None:
+        """Open the breaker for ``retry_s`` after ``exc``."""
+        first = self.available()
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self._open_until = time.monotonic() + self.retry_s
+        if first:
+            log.warning("online store unavailable (%s); degrading for %.1fs",
+                        self.last_error, self.retry_s)
+
+    def probe(self) -> tuple[bool, str]:
+        """Read one feature of one user now, ignoring the breaker: ``(ok, detail)``."""
+        try:
+            self.reader().read(["user_realtime:last_event_ts"], {"user_id": ["readyz"]})
+        except Exception as exc:
+            self.trip(exc)
+            return False, f"{type(exc).__name__}: {exc}"
+        self._open_until = 0.0
+        self.last_error = None
+        return True, f"{self.settings.online_store} online store answers"
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
+
+class NeighborAccess:
+    """``item_neighbors`` rows of a few items, when the graph job has published the view.
+
+    The view is optional: until the registry has it, or after a read fails, the source is
+    skipped for ``retry_s`` and then looked up again (with a registry refresh).
+    """
+
+    FEATURES = ("item_neighbors:neighbors", "item_neighbors:neighbor_weights")
+
+    def __init__(self, settings: Settings, retry_s: float = 30.0) -> None:
+        self.settings = settings
+        self.retry_s = retry_s
+        self._reader: OnlineFeatureReader | None = None
+        self._skip_until = 0.0
+        self._stale = False
+
+    def read(
+        self, item_ids: Sequence[str]
+    ) -> tuple[list[list[str] | None], list[Any]] | None:
+        """Neighbours and weights per item, or ``None`` while the view is unavailable."""
+        if not item_ids or time.monotonic() < self._skip_until:
+            return None
+        try:
+            if self._reader is None:
+                self._reader = OnlineFeatureReader(self.settings)
+            elif self._stale:
+                self._reader.refresh()
+            self._stale = False
+            rows = self._reader.read(list(self.FEATURES), {"item_id": list(item_ids)})
+        except Exception as exc:
+            self._stale = True
+            self._skip_until = time.monotonic() + self.retry_s
+            log.info("co-visitation neighbours unavailable for %.0fs: %s: %s",
+                     self.retry_s, type(exc).__name__, exc)
+            return None
+        return rows["neighbors"], rows["neighbor_weights"]
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
+
+class Admission:
+    """Guesses, when a recommendation arrives, whether it can start within the budget.
+
+    The expected wait is the work ahead of it — requests admitted and not finished, spread
+    over the threads — times the recent mean time one takes (an exponential average).
+    Beyond ``budget_s`` the request is answered at once from the in-process fallback
+    rather than joining a queue it would time out in. Used from the event loop only.
+
+    Examples
+    --------
+    >>> admission = Admission(threads=2, budget_s=0.05, initial_s=0.01)
+    >>> for _ in range(10):
+    ...     admission.started()
+    >>> admission.admit()  # 10 ahead on 2 threads, 10 ms each: 50 ms
+    True
+    >>> admission.started(); admission.admit()
+    False
+    >>> admission.finished(0.01); admission.admit()
+    True
+    """
+
+    def __init__(self, threads: int, budget_s: float, *, initial_s: float = 0.01) -> None:
+        self.threads = threads
+        self.budget_s = budget_s
+        self.mean_s = initial_s
+        self.pending = 0
+
+    def admit(self) -> bool:
+        return self.pending / self.threads * self.mean_s <= self.budget_s
+
+    def started(self) -> None:
+        self.pending += 1
+
+    def finished(self, service_s: float | None) -> None:
+        """One admitted request is done; ``service_s``: how long its full pipeline took
+        (``None`` when it did not run it, e.g. shed after all)."""
+        self.pending -= 1
+        if service_s is not None:
+            self.mean_s += 0.1 * (service_s - self.mean_s)
+
+
+class ServingRuntime:
+    """The long-lived parts of the recommendation service.
+
+    Recommendations run on :attr:`executor`, ``serving_threads`` threads: the pipeline is
+    CPU-bound under the GIL, so requests beyond that wait their turn (first come, first
+    served) rather than time-slicing each other into uniformly slow answers.
+
+    Parameters
+    ----------
+    settings
+        Every ``serving_*`` setting, Kafka and the home.
+    metrics
+        The app's metrics.
+    """
+
+    def __init__(self, settings: Settings, metrics: ServingMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.store = FeatureAccess(settings)
+        self.neighbors = NeighborAccess(settings)
+        self.catalog = CatalogRefresher(settings, metrics)
+        self.trending = TrendingCounts(settings.serving_trending_half_life_s)
+        self.purchases = RecentPurchases()
+        self.feed = EventFeed(settings, self.trending, self.purchases, metrics)
+        self.models = ServedModels()
+        self.watcher = ModelWatcher(settings, self.models, metrics)
+        self.impressions = ImpressionLog(settings, metrics)
+        self.executor = ThreadPoolExecutor(settings.serving_threads,
+                                           thread_name_prefix="streamrec-recommend")
+        self.admission = Admission(settings.serving_threads,
+                                   settings.serving_queue_timeout_ms / 1000)
+
+    def start(self) -> None:
+        for part in (self.catalog, self.feed, self.watcher, self.impressions):
+            part.start()
+        # Opening Feast's registry takes seconds: done here rather than by the first request.
+        threading.Thread(target=self.store.probe, name="streamrec-store-warmup",
+                         daemon=True).start()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        for part in (self.impressions, self.watcher, self.feed, self.catalog):
+            part.close()
+        self.store.close()
+        self.neighbors.close()
+
+    def readiness(self) -> dict[str, dict[str, Any]]:
+        """Each dependency's state: ``{"ok": bool, "detail": str}``."""
+        ok, detail = self.store.probe()
+        checks: dict[str, dict[str, Any]] = {"feature_store": {"ok": ok, "detail": detail}}
+        catalog = self.catalog.catalog
+        checks["catalog"] = (
+            {"ok": True, "detail": f"{len(catalog)} items, {len(catalog.graph)} with graph "
+             f"vectors, {len(catalog.text)} with text vectors"}
+            if self.catalog.loaded else {"ok": False, "detail": "first load in progress"}
+        )
+        for kind in KINDS:
+            served = self.models.get(kind)
+            if served is not None:
+                checks[f"{kind}_model"] = {"ok": True, "detail": f"serving {served.version}"}
+            else:
+                problem = self.watcher.problems.get(kind, "not loaded yet")
+                checks[f"{kind}_model"] = {"ok": False, "detail": problem}
+        return checks
