@@ -40,7 +40,7 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -158,6 +158,30 @@ class RankingBatch:
         values = self.features.get(name)
         return [None] * len(self) if values is None else values
 
+    def floats(self, name: str) -> np.ndarray:
+        """Column ``name`` as float64, NaN where missing; converted once per batch."""
+        # Several numeric features read the same column (every window count reads the
+        # anchor time), and serving scores one batch with two models: convert once.
+        memo = self.__dict__.setdefault("_floats", {})
+        values = memo.get(name)
+        if values is None:
+            raw = self.features.get(name)
+            if raw is None:
+                values = np.full(len(self), np.nan)
+            else:
+                try:  # the common case, a full column: numpy's C conversion
+                    values = np.array(raw, dtype=np.float64)
+                except TypeError:
+                    values = np.array([np.nan if v is None else v for v in raw], np.float64)
+            memo[name] = values
+        return values
+
+    @cached_property
+    def numeric(self) -> np.ndarray:
+        """:func:`numeric_matrix` of this batch, computed on first use (shared: do not modify)."""
+        x = np.column_stack([fn(self) for fn in _COLUMNS.values()]).astype(np.float32)
+        return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+
     def take(self, index: np.ndarray | Sequence[int]) -> RankingBatch:
         """The rows at ``index``, in that order."""
         idx = np.asarray(index, dtype=np.int64)
@@ -190,8 +214,7 @@ _Column = Callable[[RankingBatch], np.ndarray]
 
 
 def _floats(batch: RankingBatch, name: str) -> np.ndarray:
-    """Column ``name`` as float64 with NaN for missing values."""
-    return np.array([np.nan if v is None else float(v) for v in batch.column(name)])
+    return batch.floats(name)
 
 
 def _elapsed_s(batch: RankingBatch, view: str) -> np.ndarray:
@@ -201,7 +224,7 @@ def _elapsed_s(batch: RankingBatch, view: str) -> np.ndarray:
 
 def _window_count(view: str, name: str, window_s: float) -> _Column:
     def column(batch: RankingBatch) -> np.ndarray:
-        counts = _floats(batch, f"{view}__{name}")
+        counts = _floats(batch, f"{view}__{name}").copy()
         # The whole window has passed since the count was taken: nothing of it is left.
         counts[_elapsed_s(batch, view) >= window_s] = 0.0
         return np.log1p(counts)
@@ -342,10 +365,10 @@ def numeric_matrix(batch: RankingBatch) -> np.ndarray:
     """``(len(batch), len(NUMERIC_FEATURES))`` float32; missing values are 0.
 
     Missing (no row in the store, an unknown category, …) becomes 0, the value of "no
-    activity" for every log-count, so a cold user or item is a normal input.
+    activity" for every log-count, so a cold user or item is a normal input. Computed once
+    per batch (:attr:`RankingBatch.numeric`) and shared by every caller: do not modify it.
     """
-    x = np.column_stack([fn(batch) for fn in _COLUMNS.values()]).astype(np.float32)
-    return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    return batch.numeric
 
 
 _DEVICES = tuple(d.value for d in Device)
