@@ -187,6 +187,7 @@ class OnlineLearner:
         self._snapshot_at = time.monotonic()
         self._window_end: float | None = None
         self._last_drift: str | None = None
+        self._metrics = self.model.metrics()
 
     # -- state -----------------------------------------------------------------------------
 
@@ -258,7 +259,8 @@ class OnlineLearner:
                     self._remember(event, added)
             self._learn(examples)
         self._forget_old()
-        metrics = self.model.metrics()
+        # The reporter thread reads this copy: River's metrics must not be read mid-update.
+        self._metrics = metrics = self.model.metrics()
         if metrics["rolling_auc"] is not None:
             ONLINE_AUC.set(metrics["rolling_auc"])
         if metrics["rolling_log_loss"] is not None:
@@ -399,7 +401,7 @@ class OnlineLearner:
     def status(self) -> dict[str, Any]:
         """Worker-specific fields of the status line and of ``learner.json``."""
         return {
-            **{k: v for k, v in self.model.metrics().items() if k != "drift_detected"},
+            **{k: v for k, v in self._metrics.items() if k != "drift_detected"},
             **asdict(self.stats),
             "version": self.version,
             "open_slots": self.joiner.open_slots(),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from drifting_shop import DriftingShop
 
+import training.online_eval
 import training.online_model
 from training.online_model import MODEL_FILE, OnlineModel, OnlineModelConfig
 from training.ranking_batch import RankingBatch, numeric_rows
@@ -27,8 +28,9 @@ def _trained(n: int = 300) -> tuple[OnlineModel, list[RankingBatch]]:
     return model, batches
 
 
-def test_docstring_examples_run() -> None:
-    failures, tried = doctest.testmod(training.online_model, optionflags=doctest.ELLIPSIS)
+@pytest.mark.parametrize("module", [training.online_model, training.online_eval])
+def test_docstring_examples_run(module: object) -> None:
+    failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert tried > 0 and failures == 0
 
 
