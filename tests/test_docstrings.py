@@ -10,11 +10,25 @@ import importlib
 import pytest
 
 MODULES = [
+    "features.coldstart",
     "features.definitions",
+    "serving.auth",
+    "serving.candidates",
+    "serving.catalog",
+    "serving.impressions",
+    "serving.limits",
+    "serving.metrics",
+    "serving.models",
+    "serving.recommend",
+    "serving.request_stats",
+    "serving.trending",
     "streaming.alignment",
     "streaming.archiver",
     "training.evaluation",
+    "training.labels",
+    "training.online_model",
     "training.ranking_batch",
+    "training.registry",
 ]
 
 
