@@ -24,6 +24,7 @@ stops every process it started, cleanly.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -42,6 +43,7 @@ import httpx
 import numpy as np
 import pyarrow.dataset as ds
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
 
 from streaming.archiver import events_dir
 from streaming.broker import LocalKafka, broker_answers
@@ -290,7 +292,12 @@ def _wait_until_consuming(
         while time.monotonic() < deadline and not stop.is_set():
             if procs.exited():
                 return False
-            described = admin.describe_groups(list(groups))
+            try:
+                described = admin.describe_groups(list(groups))
+            except KafkaError:
+                # A fresh broker creates its group coordinator lazily; ask again shortly.
+                time.sleep(0.5)
+                continue
             if all(
                 described[g]["group_state"] == "Stable" and described[g]["members"]
                 for g in groups
@@ -314,7 +321,11 @@ def _drain(
     deadline = time.monotonic() + timeout_s
     last = 0.0
     while time.monotonic() < deadline and not stop.is_set():
-        left = {g: _group_lag(settings.kafka_bootstrap, g, t) for g, t in lags.items()}
+        try:
+            left = {g: _group_lag(settings.kafka_bootstrap, g, t) for g, t in lags.items()}
+        except KafkaError:
+            time.sleep(1)
+            continue
         if all(v == 0 for v in left.values()):
             return True
         if procs.exited():
@@ -417,8 +428,11 @@ def _stream(
             now = time.monotonic()
             if now - last_report >= 3:
                 last_report = now
-                lag = _group_lag(settings.kafka_bootstrap, settings.feature_writer_group,
-                                 [settings.topic_events])
+                try:
+                    lag = _group_lag(settings.kafka_bootstrap, settings.feature_writer_group,
+                                     [settings.topic_events])
+                except KafkaError:
+                    lag = None
                 _say(f"{label}: produced {n:,} ({n / (now - started):,.0f}/s), "
                      f"event time {rec.ts:%Y-%m-%d %H:%M} · feature-writer lag "
                      f"{'…' if lag is None else f'{lag:,}'}")
@@ -471,8 +485,9 @@ def _run(settings: Settings, options: DemoOptions, procs: _Processes,
     )
     _say(f"history: up to {options.history_events:,} simulated events over the past "
          f"{options.history_days:g} days, at full speed")
-    past = _stream(settings, history.events(options.history_events), rate=None, stop=stop,
-                   until=now - timedelta(minutes=1), label="history")
+    records = itertools.chain(history.catalog(), history.events(options.history_events))
+    past = _stream(settings, records, rate=None, stop=stop, until=now - timedelta(minutes=1),
+                   label="history")
     if stop.is_set() or not _drain(settings, procs, stop):
         return 1
     _say(f"history: {len(past.ids):,} events and {past.items:,} catalog items in "

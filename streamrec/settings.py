@@ -85,6 +85,12 @@ class Settings(BaseSettings):
         description="The same for item rows (an impression touches many items; their "
         "hour/day counts move slowly).",
     )
+    feature_batch_size: int = Field(
+        10_000,
+        ge=1,
+        description="Max records the feature writer folds in per batch (and commits at "
+        "once): a live stream fills far less; a backlog amortises per-batch costs.",
+    )
     feature_backlog_flush_interval_ms: float = Field(
         2000.0,
         ge=0,

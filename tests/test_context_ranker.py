@@ -58,7 +58,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     home = simulate_home(
         settings,
         SimulatorConfig(n_users=300, n_items=300, n_categories=8, seed=5, new_item_rate=2),
-        n_events=22_000,
+        n_events=12_000,
     )
     examples = label_event_log(settings, home.start, home.end)
     data = training_set(settings, examples)
