@@ -62,7 +62,8 @@ def _impressions(n: int, start: datetime, offset: int) -> list[Event]:
 
 
 def _read_ids(root: Path) -> list[str]:
-    if not root.exists():
+    # The folder exists (manifests, hour folders) before its first part file is renamed in.
+    if not root.exists() or next(root.rglob("part-*.parquet"), None) is None:
         return []
     table = ds.dataset(root, format="parquet", partitioning="hive").to_table(columns=["event_id"])
     return table.column("event_id").to_pylist()
