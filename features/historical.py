@@ -208,6 +208,13 @@ def read_events(
     if not logs:
         return spark.createDataFrame([], schema)
     log = reduce(DataFrame.unionByName, logs)
+    if since is not None:
+        log = log.where(F.col(PARTITION_COLUMN) >= F.lit(since))
+    if until is not None:
+        until = until.astimezone(UTC)
+        log = log.where(F.col(PARTITION_COLUMN) <= F.lit(until.date())).where(
+            F.col("ts") < F.lit(until)
+        )
     return log.select(*schema.fieldNames())
 
 
