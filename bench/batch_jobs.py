@@ -57,7 +57,7 @@ ITEMS = 10_000
 
 
 def log(message: str) -> None:
-    print(f"[batch_jobs] {message}", file=sys.stderr, flush=True)
+    print(f"[batch_jobs {datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
 
 
 def simulated_days(events: int) -> float:

@@ -1,11 +1,11 @@
 """The item co-occurrence graph, its random-walk embeddings and co-visitation neighbours (Spark).
 
-One reading of the event log, three products:
+One reading of the event log (the ``graph_days`` days before the run's end), three products:
 
 Graph
     Items a user interacts with in one session are related. A *session* is a ``session_id``
     of a user; a user's events without one are split into sessions where consecutive events
-    are more than :data:`~features.definitions.SESSION_GAP` apart (as the stream does).
+    are more than :data:`~features.definitions.SESSION_GAP` apart.
     Interactions are the event types of :data:`INTERACTION_WEIGHTS` (impressions are what
     was shown, not what the user did, so they are not interactions). Within a session each
     item counts once, at its first interaction, with the weight of its strongest one; each
@@ -20,12 +20,14 @@ Embeddings
     (first-order, node2vec with p = q = 1). Walks are generated in Spark, one join per step
     against an adjacency table holding each item's neighbours with their *cumulative*
     normalised weights: a uniform draw ``r`` picks the first neighbour whose cumulative weight
-    exceeds ``r``. Nothing is collected to the driver. Spark MLlib's ``Word2Vec`` (skip-gram)
+    exceeds ``r``. The walks stay in Spark, nothing goes through Python (Spark broadcasts
+    the adjacency table to the executors when it is small). Spark MLlib's ``Word2Vec`` (skip-gram)
     then reads the walks as sentences and gives one vector per item. The vectors are an
     intermediate artifact, ``<home>/offline/item_graph_vectors`` (:func:`graph_vectors_dir`;
     columns ``item_id``, ``vector`` (list<float>), ``event_timestamp`` = the run's end): the
     text job fits its text→graph projection on them and writes the ``item_embeddings``
-    Feast rows. Each run replaces the folder.
+    Feast rows. Each run replaces the folder; a window without any item pair writes
+    nothing, which leaves the previous run's outputs in place.
 
 Neighbours
     The ``neighbors`` best items of each item by edge weight, best first (ties by item id),
@@ -59,7 +61,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window as SparkWindow
 
-from features.definitions import SESSION_GAP, TIMESTAMP_FIELD, epoch_us
+from features.definitions import SESSION_GAP, TIMESTAMP_FIELD
 from features.historical import (
     PARTITION_COLUMN,
     materialize,
@@ -109,8 +111,9 @@ _GAP_US = SESSION_GAP // timedelta(microseconds=1)
 _SESSION_INPUTS = ("event_id", "event_type", "user_id", "item_id", "ts_us", "session")
 """Columns of the prepared log that :func:`session_items` reads."""
 _CHECKPOINT_STEPS = 5
-"""Walk steps per checkpoint. Each checkpoint is a job of its own; a plan of many steps
-costs more to optimise (a checkpoint after every step doubled the CPU time)."""
+"""Walk steps per checkpoint. Each checkpoint is a Spark job of its own (one after every
+step doubled the walks' CPU time, measured); without any, the plan and the time to optimise
+it would grow with the walk length."""
 
 
 def graph_vectors_dir(settings: Settings) -> Path:
@@ -385,15 +388,16 @@ def embed_walks(
 class GraphRun:
     """What :func:`run_graph` did: sizes of the graph and its products, seconds per phase.
 
+    ``events`` counts the distinct interactions (:data:`INTERACTION_WEIGHTS`) of the window.
+
     Examples
     --------
     >>> run = GraphRun(datetime(2026, 3, 2, tzinfo=UTC), events=5000, sessions=400,
-    ...                items=300, edges=2100, walks=3000, vectors=300, neighbors=300,
-    ...                seconds={"read": 1.5})
+    ...                items=300, edges=2100, walks=3000, vectors=300, seconds={"read": 1.5})
     >>> for line in run.lines():
     ...     print(line)
     as of 2026-03-02T00:00:00+00:00
-    distinct events read: 5,000; sessions with 2+ items: 400
+    interactions read: 5,000; sessions with 2+ items: 400
     graph: 300 items, 2,100 edges
     walks: 3,000; graph vectors: 300
     item_neighbors: 300 rows
@@ -407,17 +411,16 @@ class GraphRun:
     edges: int = 0
     walks: int = 0
     vectors: int = 0
-    neighbors: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         """A human summary, one line per fact."""
         return [
             f"as of {self.end.isoformat()}",
-            f"distinct events read: {self.events:,}; sessions with 2+ items: {self.sessions:,}",
+            f"interactions read: {self.events:,}; sessions with 2+ items: {self.sessions:,}",
             f"graph: {self.items:,} items, {self.edges:,} edges",
             f"walks: {self.walks:,}; graph vectors: {self.vectors:,}",
-            f"{NEIGHBORS_VIEW}: {self.neighbors:,} rows",
+            f"{NEIGHBORS_VIEW}: {self.items:,} rows",
             *(f"{phase}: {s:.1f} s" for phase, s in self.seconds.items()),
         ]
 
@@ -475,12 +478,14 @@ def run_graph(
     with run.phase("read", report):
         start = end - timedelta(days=config.days)
         log = read_events(spark, settings, since=start.date(), until=end)
-        events = (
-            prepare_events(log)
-            .where(F.col("ts_us").between(epoch_us(start), epoch_us(end) - 1))
-            .select(*_SESSION_INPUTS)
-            .persist()
+        # Copies of an event share its type and time: filtering before the deduplication
+        # keeps the same records and spares its shuffle the impressions.
+        interactions = log.where(
+            F.col("event_type").isin([kind.value for kind in INTERACTION_WEIGHTS])
+            & (F.col("ts") >= F.lit(start))
+            & (F.col("ts") < F.lit(end))
         )
+        events = prepare_events(interactions).select(*_SESSION_INPUTS).persist()
         run.events = events.count()
         sessions = session_items(events).persist()
         run.sessions = sessions.count()
@@ -490,8 +495,11 @@ def run_graph(
             sessions, config.pair_window, config.min_weight, config.min_degree
         ).persist()
         run.edges = edges.count() // 2
-        run.items = edges.select("src").distinct().count()
         sessions.unpersist()
+    if run.edges == 0:
+        report("no item pairs in the window: nothing to write")
+        edges.unpersist()
+        return run
     with run.phase(NEIGHBORS_VIEW, report):
         neighbors = top_neighbors(edges, config.neighbors).select(
             "item_id",
@@ -501,14 +509,14 @@ def run_graph(
             F.lit(end.date()).alias(PARTITION_COLUMN),
         )
         neighbors = neighbors.persist()
-        run.neighbors = neighbors.count()
+        run.items = neighbors.count()  # every item of the graph has a neighbour
         write_stats(neighbors, neighbors_folder)
         neighbors.unpersist()
     with run.phase("walks", report):
         walks = random_walks(
             edges, config.walks_per_node, config.walk_length, seed=config.seed, progress=report
         )
-        run.walks = walks.count()
+        run.walks = run.items * config.walks_per_node
         edges.unpersist()
     with run.phase("word2vec", report):
         vectors = embed_walks(
