@@ -6,7 +6,8 @@ Parquet event log by the archiver's own writer (``streaming.archiver.Archiver``,
 user over ``STREAMREC_TOPIC_PARTITIONS`` partitions, ``STREAMREC_CONSUMER_BATCH_SIZE``
 records per batch, as the archiver worker would), with the catalog. Then the steps of
 ``batch all`` run in one Spark session through :func:`features.batch_cli.run_steps`, as of
-one second after the last event; the text step only when ``features/text_batch.py`` exists.
+one second after the last event (:func:`features.batch_cli.all_steps`: the historical and
+graph jobs share one read of the log).
 
 ``total_s`` is the whole ``batch all``: Spark start-up plus every step. Per job:
 ``<job>_s`` and ``<job>_events_per_s`` = simulated events / the job's seconds (for the text
@@ -23,7 +24,6 @@ Progress goes to stderr; the last stdout line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from features.batch_cli import Progress, Step, graph_step, historical_step, run_steps
+from features.batch_cli import Progress, Step, all_steps, run_steps
 from features.store import apply_repo
 from streaming.archiver import (
     EVENT_SCHEMA,
@@ -139,24 +139,18 @@ def main() -> None:
     end = last + timedelta(seconds=1)
     apply_repo(settings)
 
-    steps: dict[str, Step] = {
-        "historical": historical_step(end, None, True),
-        "graph": graph_step(end, True),
-    }
-    if importlib.util.find_spec("features.text_batch") is not None:
-        from features.text_batch import text_step
-
-        steps["text"] = text_step(end, True)
-    else:
-        log("features/text_batch.py is not there yet: no text step")
+    steps, shared = all_steps(end, None, True, settings)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    run_steps(
-        {name: timed(step, seconds, name) for name, step in steps.items()},
-        master=args.master,
-        settings=settings,
-        progress=log,
-    )
+    try:
+        run_steps(
+            {name: timed(step, seconds, name) for name, step in steps.items()},
+            master=args.master,
+            settings=settings,
+            progress=log,
+        )
+    finally:
+        shared.release()
     result: dict[str, float | int | None] = {
         "events": events,
         "total_s": round(time.perf_counter() - started, 1),
@@ -164,11 +158,8 @@ def main() -> None:
     for name in ("historical", "graph"):
         result[f"{name}_s"] = round(seconds[name], 1)
         result[f"{name}_events_per_s"] = round(events / seconds[name])
-    text_s = seconds.get("text")
-    result["text_s"] = round(text_s, 1) if text_s is not None else None
-    result["text_items_per_s"] = (
-        round(load_catalog(settings).num_rows / text_s) if text_s is not None else None
-    )
+    result["text_s"] = round(seconds["text"], 1)
+    result["text_items_per_s"] = round(load_catalog(settings).num_rows / seconds["text"])
     print(json.dumps(result))
 
 

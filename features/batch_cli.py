@@ -33,9 +33,12 @@ from streamrec.settings import Settings, get_settings
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
+    from features.historical import PreparedLog
+
 __all__ = [
     "Step",
     "all_command",
+    "all_steps",
     "batch_app",
     "graph_command",
     "graph_step",
@@ -145,10 +148,13 @@ def _ensure_registry(settings: Settings, progress: Progress) -> None:
         apply_repo(settings)
 
 
-def historical_step(end: datetime | None, days: int | None, online: bool) -> Step:
+def historical_step(
+    end: datetime | None, days: int | None, online: bool, log: PreparedLog | None = None
+) -> Step:
     """The step of ``historical``: daily ``user_stats``/``item_stats``, then materialize.
 
-    ``days=None`` is :data:`features.historical.DEFAULT_DAYS`.
+    ``days=None`` is :data:`features.historical.DEFAULT_DAYS`; ``log``, a log shared with
+    the other steps of the job.
     """
 
     def step(spark: SparkSession, settings: Settings, progress: Progress) -> Sequence[str]:
@@ -162,6 +168,7 @@ def historical_step(end: datetime | None, days: int | None, online: bool) -> Ste
             days=days or DEFAULT_DAYS,
             online=online,
             progress=progress,
+            log=log,
         )
         return run.lines()
 
@@ -177,14 +184,17 @@ def historical_command(
     run_steps({"historical": historical_step(_utc(end), days, online)}, master=master)
 
 
-def graph_step(end: datetime | None, online: bool) -> Step:
-    """The step of ``graph``: the item graph, its vectors and ``item_neighbors``."""
+def graph_step(end: datetime | None, online: bool, log: PreparedLog | None = None) -> Step:
+    """The step of ``graph``: the item graph, its vectors and ``item_neighbors`` (``log``,
+    a log shared with the other steps of the job)."""
 
     def step(spark: SparkSession, settings: Settings, progress: Progress) -> Sequence[str]:
         from features.item_graph import run_graph
 
         _ensure_registry(settings, progress)
-        return run_graph(spark, settings, end=end, online=online, progress=progress).lines()
+        return run_graph(
+            spark, settings, end=end, online=online, progress=progress, log=log
+        ).lines()
 
     return step
 
@@ -206,20 +216,41 @@ def text_command(master: Master = None, end: End = None, online: Online = True) 
     run_steps({"text": text_step(_utc(end), online)}, master=master)
 
 
+def all_steps(
+    end: datetime, days: int | None, online: bool, settings: Settings
+) -> tuple[dict[str, Step], PreparedLog]:
+    """The steps of ``all`` and the log the first two share: release it after the run.
+
+    Historical features, then the item graph, then the text embeddings, all as of
+    ``end``; the event log is read and deduplicated once, for the widest window of the two
+    log jobs.
+    """
+    from features.historical import DEFAULT_DAYS, PreparedLog, history_since
+    from features.item_graph import graph_start
+    from features.text_batch import text_step
+
+    since = min(
+        history_since(end, days or DEFAULT_DAYS), graph_start(end, settings.graph_days).date()
+    )
+    log = PreparedLog(since, end)
+    steps = {
+        "historical": historical_step(end, days, online, log),
+        "graph": graph_step(end, online, log),
+        "text": text_step(end, online),
+    }
+    return steps, log
+
+
 @batch_app.command("all")
 def all_command(
     master: Master = None, end: End = None, days: Days = None, online: Online = True
 ) -> None:
     """Historical features, then the item graph, then the text embeddings, in one Spark
-    session."""
-    # Imported here, before Spark starts: a missing text job fails the command at once.
-    from features.text_batch import text_step
-
+    session that reads and deduplicates the event log once for the first two."""
+    settings = get_settings()
     # One instant for every step, so their rows line up in time.
-    end = _utc(end) or datetime.now(UTC)
-    steps = {
-        "historical": historical_step(end, days, online),
-        "graph": graph_step(end, online),
-        "text": text_step(end, online),
-    }
-    run_steps(steps, master=master)
+    steps, log = all_steps(_utc(end) or datetime.now(UTC), days, online, settings)
+    try:
+        run_steps(steps, master=master, settings=settings)
+    finally:
+        log.release()

@@ -89,7 +89,9 @@ __all__ = [
     "STATS_VIEWS",
     "USER_STATS",
     "HistoricalRun",
+    "PreparedLog",
     "StatsView",
+    "history_since",
     "item_stats",
     "materialize",
     "prepare_events",
@@ -251,6 +253,51 @@ def prepare_events(events: DataFrame) -> DataFrame:
         "e.device",
         "e.country",
     )
+
+
+class PreparedLog:
+    """:func:`prepare_events` of the log from a UTC day up to an instant, shared by jobs.
+
+    ``batch all`` runs the historical job (the stats windows, 30 days and more) and the
+    graph job (``graph_days``) over the same log. Alone, each lists and reads every Parquet
+    file of its window and deduplicates it, a shuffle of every event; sharing one persisted
+    copy does that once (measured on 1M events: the graph job's read went from about half
+    a minute to a few seconds). A job takes its window with a filter on event time, which
+    keeps exactly the events it would have prepared itself: the day bounds of
+    :func:`read_events` are event-time bounds, and copies of an event share its time.
+
+    The copy is computed on the first :meth:`events` and held until :meth:`release` (or
+    the end of the Spark session).
+    """
+
+    def __init__(self, since: date, until: datetime) -> None:
+        if until.tzinfo is None:
+            raise ValueError("until must be timezone-aware")
+        self.since = since
+        self.until = until.astimezone(UTC)
+        self._events: DataFrame | None = None
+
+    def covers(self, since: date, until: datetime) -> bool:
+        """Whether a job reading ``[since, until)`` can take its events from here."""
+        return since >= self.since and until.astimezone(UTC) == self.until
+
+    def events(self, spark: SparkSession, settings: Settings, since: date) -> DataFrame:
+        """The prepared events of the days from ``since`` on (within :meth:`covers`)."""
+        if since < self.since:
+            raise ValueError(f"the shared log starts on {self.since}, after {since}")
+        if self._events is None:
+            log = read_events(spark, settings, since=self.since, until=self.until)
+            self._events = prepare_events(log).persist()
+        if since == self.since:
+            return self._events
+        start = datetime(since.year, since.month, since.day, tzinfo=UTC)
+        return self._events.where(F.col("ts_us") >= epoch_us(start))
+
+    def release(self) -> None:
+        """Drop the persisted copy (if the session that holds it still runs)."""
+        if self._events is not None and SparkSession.getActiveSession() is not None:
+            self._events.unpersist()
+        self._events = None
 
 
 def _no_items() -> Column:
@@ -438,6 +485,12 @@ def stats_days(end: datetime, days: int = DEFAULT_DAYS) -> tuple[date, ...]:
         raise ValueError("a run computes at least one day")
     last = (EPOCH + timedelta(microseconds=epoch_us(end) - 1)).date()
     return tuple(last - timedelta(days=n) for n in range(days - 1, -1, -1))
+
+
+def history_since(end: datetime, days: int = DEFAULT_DAYS) -> date:
+    """The first UTC day of the log a run of ``days`` days up to ``end`` reads: its first
+    day's windows reach back :data:`_SPAN` days."""
+    return stats_days(end, days)[0] - timedelta(days=_SPAN)
 
 
 def _day_index(day: date) -> int:
@@ -692,6 +745,7 @@ def run_historical(
     days: int = DEFAULT_DAYS,
     online: bool = True,
     progress: Progress | None = None,
+    log: PreparedLog | None = None,
 ) -> HistoricalRun:
     """Compute ``user_stats`` and ``item_stats`` for ``days`` days up to ``end``, write them.
 
@@ -712,6 +766,9 @@ def run_historical(
         Also :func:`materialize` the rows into the online store.
     progress
         Called with a line of text as phases start and end.
+    log
+        A log shared with other jobs of the run; used when it covers this job's window
+        (:func:`history_since` to ``end``), else the job reads its own.
     """
     from features.store import OnlineFeatureWriter  # Feast takes seconds to import
 
@@ -722,9 +779,13 @@ def run_historical(
     run = HistoricalRun(end=end, days=stats_days(end, days))
     with OnlineFeatureWriter(settings) as store:
         folders = {view.name: store.offline_folder(view.name) for view in STATS_VIEWS}
+    since = history_since(end, days)
+    shared = log is not None and log.covers(since, end)
     with _timed(run, "read", report):
-        since = run.days[0] - timedelta(days=_SPAN)
-        events = prepare_events(read_events(spark, settings, since=since, until=end)).persist()
+        if log is not None and shared:
+            events = log.events(spark, settings, since)
+        else:
+            events = prepare_events(read_events(spark, settings, since=since, until=end)).persist()
         run.events = events.count()
         catalog = read_catalog(spark, settings).persist()
     jobs = {
@@ -737,7 +798,8 @@ def run_historical(
             run.rows[name] = rows.count()
             write_stats(rows, folders[name])
             rows.unpersist()
-    events.unpersist()
+    if not shared:
+        events.unpersist()
     catalog.unpersist()
     if online:
         with _timed(run, "materialize", report):

@@ -61,9 +61,10 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window as SparkWindow
 
-from features.definitions import SESSION_GAP, TIMESTAMP_FIELD
+from features.definitions import SESSION_GAP, TIMESTAMP_FIELD, epoch_us
 from features.historical import (
     PARTITION_COLUMN,
+    PreparedLog,
     materialize,
     prepare_events,
     read_events,
@@ -80,7 +81,9 @@ __all__ = [
     "GraphRun",
     "co_occurrence_edges",
     "embed_walks",
+    "graph_start",
     "graph_vectors_dir",
+    "interactions",
     "random_walks",
     "run_graph",
     "session_items",
@@ -149,6 +152,7 @@ class GraphConfig:
     min_count: int
     neighbors: int
     seed: int
+    broadcast_max_edges: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GraphConfig:
@@ -164,6 +168,7 @@ class GraphConfig:
             min_count=settings.graph_min_count,
             neighbors=settings.graph_neighbors,
             seed=settings.graph_seed,
+            broadcast_max_edges=settings.graph_broadcast_max_edges,
         )
 
 
@@ -316,6 +321,7 @@ def random_walks(
     walk_length: int,
     *,
     seed: int = 0,
+    broadcast: bool = False,
     progress: Progress | None = None,
 ) -> DataFrame:
     """Weighted random walks on ``edges``: one row per walk, ``walk`` (array<string>).
@@ -325,9 +331,15 @@ def random_walks(
     checkpointed every :data:`_CHECKPOINT_STEPS` steps, so the plan stays short however
     long the walks. Every node of a symmetric graph has a neighbour, so every walk reaches
     its full length.
+
+    ``broadcast`` ships the adjacency table to every executor, so a step is a map over the
+    walks where it is otherwise a shuffle of all of them: half the walks' time on a 1M-event
+    log (measured, ``bench/batch_jobs.py``). Only for a graph that fits in memory on each
+    executor (see ``Settings.graph_broadcast_max_edges``).
     """
     spark = edges.sparkSession
     adjacency = _adjacency(edges).persist()
+    lookup = F.broadcast(adjacency) if broadcast else adjacency
     walks = (
         adjacency.select("node")
         .crossJoin(spark.range(walks_per_node).withColumnRenamed("id", "k"))
@@ -336,7 +348,7 @@ def random_walks(
     )
     for step in range(1, walk_length):
         drawn = walks.join(
-            adjacency, F.element_at("walk", -1) == F.col("node")
+            lookup, F.element_at("walk", -1) == F.col("node")
         ).withColumn("r", F.rand(seed * 1_000_003 + step))
         # cum ascends to 1 and r < 1: the count of cum values below r is the drawn index;
         # least() guards against a last cum rounded a hair under 1.
@@ -438,6 +450,34 @@ def _silent(message: str) -> None:
     """Progress sink of a run nobody watches."""
 
 
+def interactions(
+    spark: SparkSession,
+    settings: Settings,
+    start: datetime,
+    end: datetime,
+    log: PreparedLog | None = None,
+) -> DataFrame:
+    """The prepared interactions (:data:`INTERACTION_WEIGHTS`) in ``[start, end)``, with
+    the columns :func:`session_items` reads; from ``log`` when it covers the window."""
+    kinds = F.col("event_type").isin([kind.value for kind in INTERACTION_WEIGHTS])
+    if log is not None and log.covers(start.date(), end):
+        prepared = log.events(spark, settings, start.date())
+        found = prepared.where(kinds & (F.col("ts_us") >= epoch_us(start)))
+    else:
+        raw = read_events(spark, settings, since=start.date(), until=end)
+        # Copies of an event share its type and time: filtering before the deduplication
+        # keeps the same records and spares its shuffle the impressions.
+        found = prepare_events(
+            raw.where(kinds & (F.col("ts") >= F.lit(start)) & (F.col("ts") < F.lit(end)))
+        )
+    return found.select(*_SESSION_INPUTS)
+
+
+def graph_start(end: datetime, days: int) -> datetime:
+    """The first instant of the log a graph run of ``days`` days up to ``end`` reads."""
+    return end.astimezone(UTC) - timedelta(days=days)
+
+
 def run_graph(
     spark: SparkSession,
     settings: Settings,
@@ -445,6 +485,7 @@ def run_graph(
     end: datetime | None = None,
     online: bool = True,
     progress: Progress | None = None,
+    log: PreparedLog | None = None,
 ) -> GraphRun:
     """Build the item graph from the log, write the graph vectors and ``item_neighbors``.
 
@@ -462,6 +503,9 @@ def run_graph(
         Also materialize ``item_neighbors`` into the online store.
     progress
         Called with a line of text as phases start and end.
+    log
+        A log shared with other jobs of the run; used when it covers this job's window
+        (:func:`graph_start` to ``end``), else the job reads its own.
     """
     from features.store import OnlineFeatureWriter  # Feast takes seconds to import
 
@@ -476,16 +520,8 @@ def run_graph(
     stamp = F.lit(end).alias(TIMESTAMP_FIELD)
 
     with run.phase("read", report):
-        start = end - timedelta(days=config.days)
-        log = read_events(spark, settings, since=start.date(), until=end)
-        # Copies of an event share its type and time: filtering before the deduplication
-        # keeps the same records and spares its shuffle the impressions.
-        interactions = log.where(
-            F.col("event_type").isin([kind.value for kind in INTERACTION_WEIGHTS])
-            & (F.col("ts") >= F.lit(start))
-            & (F.col("ts") < F.lit(end))
-        )
-        events = prepare_events(interactions).select(*_SESSION_INPUTS).persist()
+        start = graph_start(end, config.days)
+        events = interactions(spark, settings, start, end, log).persist()
         run.events = events.count()
         sessions = session_items(events).persist()
         run.sessions = sessions.count()
@@ -514,7 +550,12 @@ def run_graph(
         neighbors.unpersist()
     with run.phase("walks", report):
         walks = random_walks(
-            edges, config.walks_per_node, config.walk_length, seed=config.seed, progress=report
+            edges,
+            config.walks_per_node,
+            config.walk_length,
+            seed=config.seed,
+            broadcast=run.edges <= config.broadcast_max_edges,
+            progress=report,
         )
         run.walks = run.items * config.walks_per_node
         edges.unpersist()

@@ -301,6 +301,12 @@ class Settings(BaseSettings):
         50, ge=1, description="Co-visitation neighbours kept per item (view item_neighbors)."
     )
     graph_seed: int = Field(0, description="Seed of the random walks and of Word2Vec.")
+    graph_broadcast_max_edges: int = Field(
+        2_000_000, ge=0,
+        description="Graphs with at most this many edges are broadcast to every executor for "
+        "the random walks (a map per step instead of a shuffle); larger ones are joined. "
+        "Each edge costs about 80 bytes of executor memory (both directions).",
+    )
 
     # --- Training and evaluation ----------------------------------------------------------
     torch_threads: int = Field(

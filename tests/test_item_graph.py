@@ -27,13 +27,15 @@ from test_historical_features import archive, ev
 from typer.testing import CliRunner
 
 from features.batch_cli import batch_app
-from features.historical import prepare_events, read_events
+from features.definitions import epoch_us
+from features.historical import PreparedLog, prepare_events, read_events
 from features.item_graph import (
     INTERACTION_WEIGHTS,
     NEIGHBORS_VIEW,
     GraphRun,
     co_occurrence_edges,
     graph_vectors_dir,
+    interactions,
     random_walks,
     run_graph,
     session_items,
@@ -146,13 +148,18 @@ def test_top_neighbors_are_the_heaviest_edges_best_first(drawn_log: DataFrame) -
     }
 
 
-def test_walks_follow_edges_in_proportion_to_their_weights(spark: SparkSession) -> None:
+@pytest.mark.parametrize("broadcast", [False, True], ids=["joined", "broadcast"])
+def test_walks_follow_edges_in_proportion_to_their_weights(
+    spark: SparkSession, broadcast: bool
+) -> None:
     # A star: from "a", "b" weighs 3 and "c" 1; from the leaves the only way is back.
     edges = spark.createDataFrame(
         [("a", "b", 3.0), ("b", "a", 3.0), ("a", "c", 1.0), ("c", "a", 1.0)],
         "src string, dst string, weight double",
     )
-    walks = [r["walk"] for r in random_walks(edges, 300, 5, seed=7).collect()]
+    walks = [
+        r["walk"] for r in random_walks(edges, 300, 5, seed=7, broadcast=broadcast).collect()
+    ]
     assert len(walks) == 900
     assert Counter(w[0] for w in walks) == {"a": 300, "b": 300, "c": 300}
     assert all(len(w) == 5 for w in walks)
@@ -210,6 +217,27 @@ def shop(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory) -> Shop:
     return Shop(
         settings, events, split, run, vectors, {r["item_id"]: r["neighbors"] for r in rows}
     )
+
+
+def test_a_shared_log_gives_the_graph_the_same_interactions(
+    spark: SparkSession, shop: Shop
+) -> None:
+    end = shop.split
+    start = end - timedelta(days=1, hours=5)  # a window starting mid-day, inside the log's
+    columns = ["event_id", "event_type", "user_id", "item_id", "ts_us", "session"]
+
+    def rows(frame: DataFrame) -> list[tuple]:
+        return sorted(tuple(r) for r in frame.select(*columns).collect())
+
+    own = rows(interactions(spark, shop.settings, start, end))
+    log = PreparedLog(start.date() - timedelta(days=2), end)
+    try:
+        assert log.covers(start.date(), end)
+        assert rows(interactions(spark, shop.settings, start, end, log)) == own
+    finally:
+        log.release()
+    assert own and all(r[4] >= epoch_us(start) for r in own)
+    assert {r[1] for r in own} <= {kind.value for kind in INTERACTION_WEIGHTS}
 
 
 def _neighbor_rows(settings: Settings) -> list[dict]:
