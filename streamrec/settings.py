@@ -346,6 +346,12 @@ class Settings(BaseSettings):
         description="A candidate is promoted only if it beats the champion's promotion "
         "metric by more than this.",
     )
+    train_retrain_poll_s: float = Field(
+        10.0,
+        gt=0,
+        description="Between scheduled runs, `streamrec train --every` checks this often "
+        "for the online learner's drift retrain request and starts a run early on one.",
+    )
     train_pit_chunk_rows: int = Field(
         50_000,
         ge=1,

@@ -179,6 +179,20 @@ def test_gate_refuses_a_worse_model_and_accepts_a_better_one(
     assert len(registry.versions(KIND)) == 4
 
 
+def test_gate_records_a_drift_trigger_in_the_manifest(world: World, tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path / "models")
+    request = {"requested_at": "2026-11-24T10:00:00+00:00", "reason": "drift", "drifts": 2}
+    report = gate(registry, world.holdout, world.ranker, metric="ndcg@10", tolerance=0.0,
+                  data_window={"start": "s", "end": "e"}, features=["f"], request=request)
+    assert report.trigger == "drift" and report.retrain_request == request
+    window = registry.get(KIND, report.version).manifest["data_window"]
+    assert window["trigger"] == "drift" and window["retrain_request"] == request
+    plain = gate(registry, world.holdout, world.ranker, metric="ndcg@10", tolerance=0.0,
+                 data_window={"start": "s", "end": "e"}, features=["f"])
+    assert plain.trigger == "schedule"
+    assert registry.get(KIND, plain.version).manifest["data_window"]["trigger"] == "schedule"
+
+
 @pytest.mark.slow
 def test_train_once_promotes_then_keeps_the_champion(world: World) -> None:
     settings = world.settings

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import doctest
+import importlib
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -154,3 +156,43 @@ def test_vocab_and_context_hashing_are_stable() -> None:
     with pytest.raises(ValueError, match="unknown context"):
         RankerConfig(context=("weather",))
 
+
+
+def test_hybrid_fits_its_blend_on_validation_and_round_trips(
+    shop: Interactions, tmp_path: Path
+) -> None:
+    split = leave_one_out(shop)
+    validation = leave_one_out(split.train)
+    ranker = Ranker(replace(SMALL, covisitation_recent=3)).fit(
+        validation.train, validation=validation.queries)
+    assert ranker.prior is not None
+    blend = ranker._require_model().blend
+    assert blend.shape == (4,) and not torch.equal(blend, torch.ones(4))
+    network = Ranker(replace(SMALL, covisitation_recent=3)).fit(validation.train)
+    assert network.prior is None  # no validation queries: nothing to fit the blend on
+    hybrid = evaluate(ranker, validation.queries, metrics=("ndcg@10",))["ndcg@10"]
+    alone = max(e.validation["ndcg@10"] for e in ranker.history)
+    assert hybrid > alone  # the co-visitation features add what the network misses
+    ranker.save(tmp_path / "m")
+    loaded = Ranker.load(tmp_path / "m")
+    assert loaded.prior is not None
+    np.testing.assert_array_equal(loaded.score(split.queries), ranker.score(split.queries))
+    eager = loaded.score_items(ranker.vocab.ids[:4], ranker.vocab.ids[4:9])
+    np.testing.assert_allclose(loaded.use_exported().score_items(
+        ranker.vocab.ids[:4], ranker.vocab.ids[4:9]), eager, rtol=1e-4, atol=1e-4)
+
+
+def test_full_softmax_when_negatives_cover_every_item(shop: Interactions) -> None:
+    split = leave_one_out(shop)
+    ranker = Ranker(replace(SMALL, negatives=10_000, epochs=4)).fit(split.train)
+    losses = [e.loss for e in ranker.history]
+    # The exact softmax over every row starts near log(rows) and goes down.
+    assert losses[0] == pytest.approx(np.log(ranker.vocab.n_rows - 1), rel=0.1)
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("name", ["training.ranker", "training.baselines"])
+def test_docstring_examples_run(name: str) -> None:
+    failures, tried = doctest.testmod(importlib.import_module(name),
+                                      optionflags=doctest.ELLIPSIS)
+    assert tried > 0 and failures == 0

@@ -37,6 +37,9 @@ evaluate_app = typer.Typer(
 )
 
 _COLUMNS = ("ndcg@10", "recall@10", "recall@50", "hr@10", "auc")
+#: Co-visitation features the MovieLens ranker blends in: one per recent item, the
+#: newest first (see ``RankerConfig.covisitation_recent``).
+MOVIELENS_COVISITATION_RECENT = 10
 
 
 def _log(message: str) -> None:
@@ -75,6 +78,10 @@ def evaluate_movielens(
     max_len: Annotated[
         int | None, typer.Option(min=1, help="Recent items the ranker reads (default 200)."),
     ] = None,
+    covisitation_recent: Annotated[
+        int, typer.Option(min=0, help="Recent items whose co-visitation features the ranker "
+                                      "blends into its scores (0: the sequence model alone)."),
+    ] = MOVIELENS_COVISITATION_RECENT,
     seed: Annotated[int, typer.Option(help="Seed of the ranker.")] = 0,
     save: Annotated[
         Path | None, typer.Option(help="Save the trained ranker (safetensors + JSON) here."),
@@ -83,8 +90,13 @@ def evaluate_movielens(
     """Compare the ranker with popularity, co-visitation and EASE on a MovieLens dataset.
 
     Every rating is an implicit interaction; each user's last one is the test item, the
-    second-to-last the validation item (hyper-parameters, early stopping). Models rank
-    the whole catalog minus the user's history.
+    second-to-last the validation item (hyper-parameters, early stopping, the ranker's
+    blend weights). Models rank the whole catalog minus the user's history.
+
+    The ``ranker`` is the SASRec-style sequence model blended with co-visitation features
+    of the user's last ``--covisitation-recent`` items (weights fitted on the validation
+    items; see :mod:`training.ranker`); ``--covisitation-recent 0`` evaluates the
+    sequence model alone.
     """
     import torch
 
@@ -102,7 +114,7 @@ def evaluate_movielens(
         raise typer.BadParameter(f"unknown models {sorted(unknown)}; choose from {MODELS}")
     config = replace(
         MOVIELENS_RANKER, seed=seed, epochs=epochs or MOVIELENS_RANKER.epochs,
-        max_len=max_len or MOVIELENS_RANKER.max_len,
+        max_len=max_len or MOVIELENS_RANKER.max_len, covisitation_recent=covisitation_recent,
     )
 
     t0 = time.perf_counter()

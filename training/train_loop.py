@@ -27,6 +27,19 @@ order there, while AUC counts a swap at rank 150 as much as one at rank 1.
 ``--every 1h`` repeats runs on that period, with progress on stderr and one JSON line per
 run on stdout; a failed run is reported and the loop carries on.
 
+Drift-triggered runs
+    The online learner writes a retrain request (``<home>/state/retrain-requested``, see
+    :mod:`streaming.learner`) when ADWIN sees its loss drift. Between scheduled runs the
+    loop polls for it every ``STREAMREC_TRAIN_RETRAIN_POLL_S`` seconds and starts a run at
+    once when it appears; a run that starts with a request pending (early or on schedule,
+    and a single ``streamrec train``) answers it. Such a run records ``"trigger":
+    "drift"`` and the request in its JSON line and in the manifest's ``data_window``
+    (otherwise ``"trigger": "schedule"``). When the run finishes, promoted or not, the
+    request is consumed (:func:`consume_retrain_request`): removed only if it is still the
+    one the run answered, so a newer drift that arrived meanwhile stays pending and
+    triggers the next run. A failed run leaves it pending; the loop then waits for the
+    schedule (or a newer request) instead of retrying at once.
+
 Examples
 --------
 >>> parse_period("90m"), parse_period("2d"), parse_period("45")
@@ -41,13 +54,16 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import re
 import sys
 import tempfile
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, timedelta
@@ -62,9 +78,11 @@ __all__ = [
     "KIND",
     "Decision",
     "TrainReport",
+    "consume_retrain_request",
     "gate",
     "parse_period",
     "promotion_decision",
+    "run_loop",
     "train_command",
     "train_once",
 ]
@@ -145,6 +163,10 @@ class TrainReport:
     holdout_rows: int
     train_seconds: float
     total_seconds: float
+    trigger: str = "schedule"
+    """``"drift"`` when the run answered the online learner's retrain request."""
+    retrain_request: dict[str, Any] | None = None
+    """That request, as the learner wrote it."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), default=str)
@@ -165,15 +187,24 @@ def gate(
     features: list[str],
     progress: Progress | None = None,
     started: float | None = None,
+    request: Mapping[str, Any] | None = None,
 ) -> TrainReport:
     """Evaluate ``candidate`` against the champion on ``holdout``, register it, and promote
-    it if it passes :func:`promotion_decision`."""
+    it if it passes :func:`promotion_decision`.
+
+    ``request`` is the drift retrain request the run answers, if any: the manifest's
+    ``data_window`` and the report record it with ``trigger="drift"``.
+    """
     from training.context_ranker import ContextRanker
     from training.holdout import evaluate_holdout
     from training.registry import RegistryError
 
     say = progress or (lambda _: None)
     started = time.perf_counter() if started is None else started
+    trigger = "schedule" if request is None else "drift"
+    data_window = {**data_window, "trigger": trigger}
+    if request is not None:
+        data_window["retrain_request"] = dict(request)
     models: dict[str, Any] = {"candidate": candidate}
     current = registry.champion(KIND)
     refused = ""
@@ -218,6 +249,8 @@ def gate(
         holdout_rows=len(holdout.test),
         train_seconds=round(candidate.train_seconds, 3),
         total_seconds=round(time.perf_counter() - started, 3),
+        trigger=trigger,
+        retrain_request=None if request is None else dict(request),
     )
 
 
@@ -228,8 +261,10 @@ def train_once(
     tolerance: float | None = None,
     config: ContextRankerConfig | None = None,
     progress: Progress | None = None,
+    request: Mapping[str, Any] | None = None,
 ) -> TrainReport:
-    """One retraining run over the latest complete window (module docs)."""
+    """One retraining run over the latest complete window (module docs); ``request`` is
+    the drift retrain request it answers (see :func:`gate`)."""
     import torch
 
     from features.store import feature_store
@@ -294,6 +329,7 @@ def train_once(
         features=features,
         progress=say,
         started=started,
+        request=request,
     )
 
 
@@ -301,10 +337,129 @@ def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def consume_retrain_request(settings: Settings, request: Mapping[str, Any]) -> bool:
+    """Remove the pending retrain request if it is still ``request``; ``True`` if removed.
+
+    The file is first renamed away (atomic), so the learner's next request, written to
+    the usual path, can never be deleted by mistake: when what was taken is not
+    ``request`` (a newer drift replaced it during the run), it is linked back, unless an
+    even newer one already took its place.
+
+    Examples
+    --------
+    >>> import json, tempfile
+    >>> from streaming.learner import read_retrain_request, retrain_request_path
+    >>> settings = Settings(home=tempfile.mkdtemp())
+    >>> path = retrain_request_path(settings)
+    >>> path.parent.mkdir(parents=True)
+    >>> _ = path.write_text(json.dumps({"requested_at": "10:00", "reason": "drift"}))
+    >>> consume_retrain_request(settings, {"requested_at": "09:00", "reason": "drift"})
+    False
+    >>> read_retrain_request(settings)["requested_at"]  # the newer request stays
+    '10:00'
+    >>> consume_retrain_request(settings, {"requested_at": "10:00", "reason": "drift"})
+    True
+    >>> read_retrain_request(settings) is None
+    True
+    """
+    from streaming.learner import retrain_request_path
+
+    path = retrain_request_path(settings)
+    taken = path.with_name(f".{path.name}.{uuid.uuid4().hex}.consumed")
+    try:
+        os.replace(path, taken)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            same = json.loads(taken.read_text()) == dict(request)
+        except ValueError:
+            same = False
+        if not same:
+            with contextlib.suppress(FileExistsError):
+                os.link(taken, path)
+        return same
+    finally:
+        taken.unlink()
+
+
+def _pending_request(settings: Settings) -> dict[str, Any] | None:
+    from streaming.learner import read_retrain_request
+
+    try:
+        return read_retrain_request(settings)
+    except ValueError:  # the learner replaces it atomically: only a foreign write gets here
+        _log("ignoring an unreadable retrain request")
+        return None
+
+
+def run_loop(
+    settings: Settings,
+    train: Callable[[Mapping[str, Any] | None], TrainReport],
+    *,
+    period: float | None,
+    max_runs: int | None = None,
+    progress: Progress = _log,
+) -> int:
+    """Run ``train`` now and then every ``period`` seconds, early on a drift request.
+
+    Parameters
+    ----------
+    settings
+        Home (where the retrain request lives) and the poll period
+        (``train_retrain_poll_s``).
+    train
+        One run; receives the pending retrain request (``None`` on a plain schedule).
+    period
+        Seconds from the start of one run to the next; ``None`` runs once.
+    max_runs
+        Stop after this many runs (default: never, with a period).
+    progress
+        Receives progress lines.
+
+    Returns
+    -------
+    How many runs failed. Each run prints one JSON line on stdout (the
+    :class:`TrainReport`, or the error).
+    """
+    runs = failures = 0
+    failed_request: dict[str, Any] | None = None
+    while True:
+        started = time.monotonic()
+        runs += 1
+        request = _pending_request(settings)
+        if request is not None:
+            progress(f"run {runs} answers the retrain request of {request.get('requested_at')}")
+        try:
+            report = train(request)
+        except Exception as exc:
+            failures += 1
+            failed_request = request
+            progress(f"training failed: {type(exc).__name__}: {exc}" if period is None
+                     else f"run {runs} failed; the loop carries on:\n{traceback.format_exc()}")
+            print(json.dumps({"run": runs, "error": f"{type(exc).__name__}: {exc}"}),
+                  flush=True)
+        else:
+            print(report.to_json(), flush=True)
+            if request is not None and consume_retrain_request(settings, request):
+                progress("retrain request consumed")
+        if period is None or (max_runs is not None and runs >= max_runs):
+            return failures
+        due = started + period
+        progress(f"next run in {max(0.0, due - time.monotonic()) / 60:.1f} min, or on drift")
+        while (left := due - time.monotonic()) > 0:
+            pending = _pending_request(settings)
+            if pending is not None and pending != failed_request:
+                progress("drift: the online learner requested a retrain; starting now")
+                break
+            time.sleep(min(settings.train_retrain_poll_s, left))
+
+
 def train_command(
     every: Annotated[
         str | None,
-        typer.Option(help="Repeat on this period (30m, 1h, 1d); default: run once."),
+        typer.Option(help="Repeat on this period (30m, 1h, 1d), and early when the online "
+                          "learner requests a retrain; default: run once."),
     ] = None,
     window_days: Annotated[
         float | None,
@@ -323,24 +478,10 @@ def train_command(
         period = parse_period(every) if every is not None else None
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--every") from None
-    runs = 0
-    while True:
-        started = time.monotonic()
-        runs += 1
-        try:
-            report = train_once(
-                settings, window_days=window_days, tolerance=tolerance, progress=_log
-            )
-        except Exception as exc:
-            if period is None:
-                _log(f"training failed: {type(exc).__name__}: {exc}")
-                raise typer.Exit(1) from None
-            _log(f"run {runs} failed; the loop carries on:\n{traceback.format_exc()}")
-            print(json.dumps({"run": runs, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
-        else:
-            print(report.to_json(), flush=True)
-        if period is None:
-            return
-        wait = max(0.0, period - (time.monotonic() - started))
-        _log(f"next run in {wait / 60:.1f} min")
-        time.sleep(wait)
+
+    def train(request: Mapping[str, Any] | None) -> TrainReport:
+        return train_once(settings, window_days=window_days, tolerance=tolerance,
+                          progress=_log, request=request)
+
+    if run_loop(settings, train, period=period) and period is None:
+        raise typer.Exit(1)
