@@ -157,7 +157,6 @@ def test_vocab_and_context_hashing_are_stable() -> None:
         RankerConfig(context=("weather",))
 
 
-
 def test_hybrid_fits_its_blend_on_validation_and_round_trips(
     shop: Interactions, tmp_path: Path
 ) -> None:
@@ -180,6 +179,12 @@ def test_hybrid_fits_its_blend_on_validation_and_round_trips(
     eager = loaded.score_items(ranker.vocab.ids[:4], ranker.vocab.ids[4:9])
     np.testing.assert_allclose(loaded.use_exported().score_items(
         ranker.vocab.ids[:4], ranker.vocab.ids[4:9]), eager, rtol=1e-4, atol=1e-4)
+    # Before the test the prior is recounted on the data with the validation items.
+    before = ranker.prior.matrix.sum()
+    ranker.recount_covisitation(split.train)
+    assert ranker.prior.matrix.nnz and ranker.prior.matrix.sum() != before
+    assert not np.array_equal(ranker.score(split.queries), loaded.score(split.queries))
+    assert network.recount_covisitation(split.train).prior is None
 
 
 def test_full_softmax_when_negatives_cover_every_item(shop: Interactions) -> None:

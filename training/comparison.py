@@ -12,9 +12,11 @@ choice ever sees a test item:
   interactions once, in time order, with sampled negatives; nothing is tuned (it is meant
   to run on a live stream with its defaults);
 - ranker: trained on the validation split's training data and early-stopped on its
-  NDCG@10 (the best epoch's weights are kept). It is not refitted: a refit would add one
-  interaction per user (the validation item, under 1% of the data on MovieLens) for the
-  price of a second training run. At test time its input history does include the
+  NDCG@10 (the best epoch's weights are kept); the hybrid's blend weights are fitted on
+  the validation queries. The network is not retrained: a refit would add one interaction
+  per user (the validation item, under 1% of the data on MovieLens) for the price of a
+  second training run; its co-visitation prior is recounted on the full training data,
+  like the co-visitation baseline. At test time its input history does include the
   validation item, like every other model's.
 
 Examples
@@ -160,6 +162,7 @@ def compare_models(
             model = EASE(l2=l2).fit(split.train)
         else:
             model, params = _fit_ranker(validation, ranker_config, log)
+            model.recount_covisitation(split.train)
         seconds = time.perf_counter() - t0
         result = _summarise(name, model, split.queries, seconds, params)
         log(f"{name}: test ndcg@10 {result.metrics['ndcg@10']:.4f}, "

@@ -694,6 +694,25 @@ class Ranker:
         self.train_seconds = time.perf_counter() - started
         return self
 
+    def recount_covisitation(self, train: Interactions) -> Self:
+        """Rebuild the hybrid's co-visitation prior from ``train``, keeping its weights.
+
+        The weights are fitted with the prior of the data the network trained on, which
+        cannot contain the validation items; before the test the prior is recounted on
+        the training data with them, the data every baseline is refitted on (the network
+        is not retrained: that would cost a second training run). No-op for the pure
+        sequence model.
+        """
+        if self.prior is not None:
+            self.prior = self._count_prior(train)
+        return self
+
+    def _count_prior(self, train: Interactions) -> CoVisitationPrior:
+        return CoVisitationPrior.fit(
+            train, self.vocab.rows(train.catalog), self.vocab.n_rows,
+            self.config.covisitation_window,
+        )
+
     def _fit_blend(self, train: Interactions, validation: Queries) -> None:
         """Build the co-visitation prior of ``train`` and fit the hybrid's weights.
 
@@ -704,10 +723,7 @@ class Ranker:
         (at least 256).
         """
         model = self._require_model()
-        self.prior = CoVisitationPrior.fit(
-            train, self.vocab.rows(train.catalog), self.vocab.n_rows,
-            self.config.covisitation_window,
-        )
+        self.prior = self._count_prior(train)
         per_query = validation.n_items * (1 + self.config.covisitation_recent)
         queries = validation.rows(0, min(len(validation), max(256, BLEND_VALUES // per_query)))
         scores, features = [], []
