@@ -20,12 +20,18 @@ Usage::
 
     .venv/bin/python bench/feature_freshness.py [--events 200000] [--rate 5000] [--seconds 30]
 
+``--profile FILE`` writes a cProfile of the throughput phase (read it with
+``python -m pstats FILE``; profiling slows the writer, so that run's ``events_per_s`` is no
+benchmark); ``--seconds 0`` skips the freshness phase.
+
 Progress goes to stderr; the last stdout line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import json
 import os
 import resource
@@ -59,20 +65,24 @@ def _cpu_s() -> float:
 
 
 def _settings(bootstrap: str, home: Path, tag: str, store: str, redis_url: str) -> Settings:
+    # Topics of their own, so that a reused broker (--bootstrap) holds nothing older.
+    run = f"{tag}-{uuid.uuid4().hex[:8]}"
     return Settings(
         kafka_bootstrap=bootstrap,
         home=home / tag,
         online_store=store,
         redis_url=redis_url,
-        topic_events=f"events-{tag}",
-        topic_items=f"items-{tag}",
-        topic_impressions=f"impressions-{tag}",
-        feature_writer_group=f"fw-{tag}",
+        topic_events=f"events-{run}",
+        topic_items=f"items-{run}",
+        topic_impressions=f"impressions-{run}",
+        feature_writer_group=f"fw-{run}",
         feature_snapshot_interval_s=30,
     )
 
 
-def throughput(bootstrap: str, home: Path, n: int, store: str, redis_url: str) -> dict[str, float]:
+def throughput(
+    bootstrap: str, home: Path, n: int, store: str, redis_url: str, profile: Path | None = None
+) -> dict[str, float]:
     settings = _settings(bootstrap, home, "tput", store, redis_url)
     ensure_topics(bootstrap, stream_topics(settings), settings.topic_partitions)
     apply_repo(settings)
@@ -98,11 +108,16 @@ def throughput(bootstrap: str, home: Path, n: int, store: str, redis_url: str) -
             )
         return writer.stats.events >= n
 
-    consumer.run(until=done)
-    writer.flush()
+    profiler = cProfile.Profile() if profile is not None else None
+    with profiler or contextlib.nullcontext():
+        consumer.run(until=done)
+        writer.flush()
     elapsed = time.perf_counter() - started
     cpu_s = _cpu_s() - cpu_started
     writer.writer.close()
+    if profiler is not None:
+        profiler.dump_stats(profile)
+        log(f"profile of the throughput phase written to {profile}")
     stats = writer.stats
     log(
         f"{stats.events:,} events in {elapsed:.1f}s → {stats.events / elapsed:,.0f} events/s, "
@@ -187,6 +202,7 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=5_000)
     parser.add_argument("--seconds", type=int, default=30)
     parser.add_argument("--bootstrap", help="use this broker instead of starting one")
+    parser.add_argument("--profile", type=Path, help="write a cProfile of the throughput phase")
     parser.add_argument("--online-store", choices=["sqlite", "redis"], default="sqlite")
     parser.add_argument(
         "--redis-url",
@@ -211,8 +227,12 @@ def main() -> None:
             bootstrap = broker.bootstrap
         try:
             store, url = args.online_store, args.redis_url
-            result = {"online_store": store, **throughput(bootstrap, home, args.events, store, url)}
-            result.update(freshness(bootstrap, home, args.rate, args.seconds, store, url))
+            result = {
+                "online_store": store,
+                **throughput(bootstrap, home, args.events, store, url, args.profile),
+            }
+            if args.seconds > 0:
+                result.update(freshness(bootstrap, home, args.rate, args.seconds, store, url))
         finally:
             if broker is not None:
                 broker.stop()

@@ -8,10 +8,10 @@ the writer: the log holds every valid event once (:mod:`streaming.archiver`), so
 
 How
     The stream's own engine, :class:`~features.realtime.RealtimeFeatureEngine`, replays the
-    archive of what the feature writer consumes, the ``events`` topic
-    (:func:`~streaming.archiver.events_dir`; served impressions are archived apart and feed
-    no real-time feature), in event-time order: the ``date=/hour=`` folders in order, each
-    hour sorted by ``(ts, event_id)``. In that order no event is too late, duplicates (a
+    archive of what the feature writer consumes — client events and the impressions the API
+    served, archived apart (:func:`~streaming.archiver.event_log_dirs`, the log Spark reads
+    too) — in event-time order: the hours in order, each hour's folders of both logs merged
+    and sorted by ``(ts, event_id)``. In that order no event is too late, duplicates (a
     producer's retry archived twice) meet their twin at once and are dropped by
     ``event_id``, and each row is the brute-force oracle's (:mod:`features.reference`) over
     the log in event-time order. Rows are then written with
@@ -79,7 +79,7 @@ import pyarrow.parquet as pq
 from features.definitions import ITEM_VIEW, USER_VIEW
 from features.realtime import RealtimeFeatureEngine
 from features.store import OnlineFeatureWriter, apply_repo, registry_exists
-from streaming.archiver import events_dir, load_catalog
+from streaming.archiver import event_log_dirs, load_catalog
 from streamrec.contract import Event, parse_event
 from streamrec.settings import Settings
 
@@ -128,28 +128,38 @@ def _day_of(folder: Path) -> date:
 
 def archived_hours(
     settings: Settings, first_day: date | None = None, last_day: date | None = None
-) -> list[Path]:
-    """The event log's ``date=/hour=`` folders within the days, in event-time order."""
-    root = events_dir(settings)
-    if not root.exists():
-        return []
-    days = sorted(
-        d for d in root.glob("date=*")
-        if d.is_dir()
-        and (first_day is None or _day_of(d) >= first_day)
-        and (last_day is None or _day_of(d) <= last_day)
-    )
-    return [h for d in days for h in sorted(d.glob("hour=*")) if h.is_dir()]
+) -> list[list[Path]]:
+    """The event log's hours within the days, in event-time order.
+
+    Each hour is its ``date=/hour=`` folder in every log folder that has it (client events,
+    served impressions): they must be read together, or an hour's events of one log would
+    come after the next ones of the other and be judged too late.
+    """
+    hours: dict[tuple[str, str], list[Path]] = {}
+    for root in event_log_dirs(settings):
+        if not root.exists():
+            continue
+        for day in root.glob("date=*"):
+            if (
+                day.is_dir()
+                and (first_day is None or _day_of(day) >= first_day)
+                and (last_day is None or _day_of(day) <= last_day)
+            ):
+                for hour in day.glob("hour=*"):
+                    if hour.is_dir():
+                        hours.setdefault((day.name, hour.name), []).append(hour)
+    return [hours[key] for key in sorted(hours)]
 
 
-def read_hour(folder: Path) -> list[Event]:
-    """One hour of the log as validated events, sorted by ``(ts, event_id)``.
+def read_hour(folders: Sequence[Path]) -> list[Event]:
+    """One hour of the log (its folders in every log) as validated events, sorted by
+    ``(ts, event_id)``.
 
     Rows are validated again on the way out (≈ 20 µs each, the cost of a backfill): the
     archiver only wrote valid events, but the engine's input is the contract's type.
     """
     # Archiver temporaries start with "." and are not part of the log.
-    files = sorted(folder.glob("part-*.parquet"))
+    files = sorted(f for folder in folders for f in folder.glob("part-*.parquet"))
     if not files:
         return []
     table = pa.concat_tables(pq.read_table(f, columns=list(_COLUMNS)) for f in files)
@@ -202,10 +212,10 @@ def backfill(
     users: set[str] = set()
     items: set[str] = set()
     hours = archived_hours(settings, first_day, last_day)
-    progress(f"{len(hours)} hour folder(s) of events, {len(categories):,} catalog items")
-    for i, folder in enumerate(hours):
+    progress(f"{len(hours)} hour(s) of events, {len(categories):,} catalog items")
+    for i, folders in enumerate(hours):
         t0 = time.perf_counter()
-        events = read_hour(folder)
+        events = read_hour(folders)
         t1 = time.perf_counter()
         result = engine.apply(events)
         report.apply_s += time.perf_counter() - t1
@@ -215,8 +225,9 @@ def backfill(
         report.duplicates += result.users.duplicates
         users |= result.changed_users
         items |= result.changed_items
-        if i + 1 == len(hours) or hours[i + 1].parent != folder.parent:
-            progress(f"{folder.parent.name}: {report.events:,} events so far")
+        day = folders[0].parent.name
+        if i + 1 == len(hours) or hours[i + 1][0].parent.name != day:
+            progress(f"{day}: {report.events:,} events so far")
     t0 = time.perf_counter()
     with OnlineFeatureWriter(settings) as writer:
         for view, keys, row_of in ((USER_VIEW, sorted(users), engine.user_row),

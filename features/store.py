@@ -58,6 +58,7 @@ Created project streamrec...
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 import string
@@ -584,8 +585,7 @@ class _Sqlite:
         upserts: list[list[Any]] = []
         # Key order keeps the B-tree inserts local: about twice as fast as arrival order.
         for key, ts_us, row in sorted(plan.newest_rows(rows), key=itemgetter(0)):
-            # What Feast's datetime adapter stores: whole seconds of the naive UTC time.
-            params: list[Any] = [key, int(_naive_utc(ts_us // 1_000_000).timestamp())]
+            params: list[Any] = [key, _stored_seconds(ts_us // 1_000_000)]
             for name, encode in zip(names, encoders, strict=True):
                 params += encode(row[name])
             (updates if known is not None and key in known else upserts).append(params)
@@ -646,6 +646,14 @@ def _sql_literal(text: str) -> str:
 
 def _naive_utc(seconds: int) -> datetime:
     return datetime.fromtimestamp(seconds, UTC).replace(tzinfo=None)
+
+
+@functools.lru_cache(maxsize=4096)
+def _stored_seconds(seconds: int) -> int:
+    """What Feast's datetime adapter stores for an event time: whole seconds of the naive UTC
+    time (read as local time). Cached: ~2 µs per row otherwise, and a flush's rows share few
+    distinct seconds when the stream is live."""
+    return int(_naive_utc(seconds).timestamp())
 
 
 class _Redis:

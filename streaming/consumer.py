@@ -41,7 +41,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, NamedTuple, TypeVar
@@ -264,13 +264,16 @@ class StreamConsumer(Generic[T]):
         high = self._consumer.highwater(tp)
         return high is not None and self._consumer.position(tp) >= high
 
-    def records_behind(self) -> int:
+    def records_behind(self, topics: Collection[str] | None = None) -> int:
         """Records the broker held beyond what was polled, at the last fetch of each partition.
 
         Like :meth:`caught_up` it costs no request; partitions not fetched yet count 0.
+        ``topics`` limits the sum to the partitions of those topics.
         """
         behind = 0
         for tp in self._consumer.assignment():
+            if topics is not None and tp.topic not in topics:
+                continue
             high = self._consumer.highwater(tp)
             if high is not None:
                 behind += max(0, high - self._consumer.position(tp))

@@ -1,7 +1,9 @@
 """The feature writer: events → real-time features in Feast, exactly-once in effect.
 
-It consumes ``events`` (and ``items``, for the categories behind ``last_category``), merges
-the partitions in event time (:mod:`streaming.alignment`: a backlog must not make on-time
+It consumes ``events`` and ``impressions`` (what the API served: contract-v1 impression
+events, which Spark's event log counts too, so stream and batch features agree) and ``items``
+(for the categories behind ``last_category``), merges the partitions of both event topics in
+event time (:mod:`streaming.alignment`: a backlog must not make on-time
 events look late), folds each micro-batch into
 :class:`features.realtime.RealtimeFeatureEngine`, and
 upserts the rows of every user and item the batch changed into Feast's online store
@@ -38,6 +40,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +67,10 @@ log = logging.getLogger(__name__)
 _MAGIC = b"streamrec.feature-writer.v1\n"
 
 
-_GC_THRESHOLDS = (50_000, 20, 100)
+_GC_THRESHOLDS = (200_000, 20, 100)
+
+_ITEM_WRITE_CHUNK = 1_000
+"""Item rows per write while input keeps coming: ~50 ms of SQLite writes."""
 
 
 def tune_gc() -> None:
@@ -75,9 +81,10 @@ def tune_gc() -> None:
     young generation and push the collector into full collections that scan the whole heap,
     every imported library included, to find almost nothing: with the default thresholds
     that was a third of the writer's CPU. Freezing what exists at start (modules, Feast's
-    registry) and collecting the young generation every 50,000 allocations instead of 700
-    brings it to a few percent. The writer's own objects form no reference cycles; the few
-    that libraries leave behind are still collected, by the older generations.
+    registry) and collecting the young generation every 200,000 allocations instead of 700
+    (more than a full batch keeps alive, so most of a batch's objects are gone before the
+    collector looks) brings it to 1-2 %. The writer's own objects form no reference cycles;
+    the few that libraries leave behind are still collected, by the older generations.
     Process-wide, hence called where the worker starts.
     """
     gc.collect()
@@ -155,17 +162,22 @@ class FeatureWriter:
     snapshot_interval_s
         How often state + offsets are persisted; also bounds the replay after a crash.
 
-    Rows are written online when ``feature_flush_interval_ms`` (users) or
-    ``feature_item_flush_interval_ms`` (items) has passed since the last write, or at once
-    when the input is drained — so a quiet stream is written per event batch and a busy one
-    coalesces each entity's updates within the interval. Items get the longer interval: an
+    User rows are written when ``feature_flush_interval_ms`` has passed since the last
+    write, or at once when the input is drained — so a quiet stream is written per event
+    batch and a busy one coalesces each user's updates within the interval. Item rows are
+    written every ``feature_item_flush_interval_ms``, drained or not, and while input keeps
+    coming a round of them is spread over the next batches, ``_ITEM_WRITE_CHUNK`` rows each,
+    so it never holds the next user rows up for long. Items get the longer interval: an
     impression touches ten of them, and their hour- and day-long counts move slowly, while
-    a user's click must reach the ranker within a second. A writer behind its input (a
-    restart, a replay, a burst) stretches both intervals to its lag — records behind
-    divided by its rate — up to ``feature_backlog_flush_interval_ms``: its rows are that
-    stale anyway, and each entity is then written once per lag instead of five times a
-    second, so a backlog drains faster. Events are never held back for this: they are
-    applied as they come, only the online writes coalesce.
+    a user's click must reach the ranker within a second (written per poll at 5,000
+    events/s, items cost most of the writer's time). A writer far behind its input (a
+    restart, a replay, a burst) — at least ``feature_backlog_flush_interval_ms`` of input
+    at its current rate — stretches the user interval to that and the item interval by
+    the same factor: its rows are that stale anyway, and each entity is then written once
+    per couple of seconds instead of five times a second, so the backlog drains faster.
+    Nearer the head the configured intervals hold, so a live stream that falls a little
+    behind (a loaded machine) stays as fresh as it can. Events are never held back for
+    this: they are applied as they come; only the online writes coalesce.
     """
 
     def __init__(
@@ -200,7 +212,9 @@ class FeatureWriter:
         # Entities changed since the last online write: under load one row per entity per
         # flush instead of one per batch, the main lever on write volume.
         self._dirty_users: set[str] = set()
-        self._dirty_items: set[str] = set()
+        # Items in the order they first changed: a round spread over several writes takes
+        # the longest-waiting first, so none waits for more than a round.
+        self._dirty_items: dict[str, None] = {}
         self._unwritten_ts: list[float] = []
         self._users_flushed = self._items_flushed = time.monotonic()
         self._rate = 0.0  # events/s applied between the last two user flushes
@@ -253,17 +267,22 @@ class FeatureWriter:
         self.release()
         return []
 
+    @property
+    def event_topics(self) -> tuple[str, str]:
+        """The topics whose records are events: client events and served impressions."""
+        return self.settings.topic_events, self.settings.topic_impressions
+
     def release(self) -> None:
         """Apply what event-time alignment lets through; write rows when the flush is due."""
         if self._consumer is not None and len(self._aligner):
-            events_topic = self.settings.topic_events
-            assigned = {tp for tp in self._consumer.assignment() if tp.topic == events_topic}
+            topics = self.event_topics
+            assigned = {tp for tp in self._consumer.assignment() if tp.topic in topics}
             released = self._aligner.release(assigned, self._consumer.caught_up)
             if released:
                 events = [r.value for r in released]
                 result = self.engine.apply(events)
                 self._dirty_users |= result.changed_users
-                self._dirty_items |= result.changed_items
+                self._dirty_items.update(dict.fromkeys(result.changed_items))
                 self._unwritten_ts.extend(e.ts.timestamp() for e in events)
                 self.stats.events += result.users.applied
                 self.stats.duplicates += result.users.duplicates
@@ -278,21 +297,32 @@ class FeatureWriter:
             drained or now - self._users_flushed >= self.flush_interval_s * stretch
         ):
             self._flush_users()
-        if self._dirty_items and (
-            drained or now - self._items_flushed >= self.item_flush_interval_s * stretch
-        ):
-            self._flush_items()
+        if self._dirty_items and now - self._items_flushed >= self.item_flush_interval_s * stretch:
+            # Busy, the round of item writes is spread over the next batches, a chunk each,
+            # so that it never holds the users' next rows up for long; idle, it is written
+            # at once (a quiet stream's items are online within the interval).
+            self._flush_items(None if drained else _ITEM_WRITE_CHUNK)
 
     def _stretch(self) -> float:
-        """By how much a writer behind its input stretches its flush intervals (>= 1).
+        """By how much a writer far behind its input stretches its flush intervals (>= 1).
 
-        The user interval grows to the lag — records behind over the current rate — up to
-        ``backlog_flush_interval_s``; the item interval grows by the same factor.
+        At least ``backlog_flush_interval_s`` behind — event records behind (both event
+        topics; the catalog is not in the rate) over the current rate — the user interval
+        becomes that long and the item interval grows by the same factor.
         """
-        if self._consumer is None or self._rate <= 0 or self.flush_interval_s <= 0:
+        if self._consumer is None or self.flush_interval_s <= 0:
             return 1.0
-        behind_s = (self._consumer.records_behind() + len(self._aligner)) / self._rate
-        return max(1.0, min(behind_s, self.backlog_flush_interval_s) / self.flush_interval_s)
+        # Before the first write has measured a rate, the rate since start: a writer that
+        # starts behind its input coalesces from its first write on.
+        rate = self._rate or len(self._unwritten_ts) / max(
+            time.monotonic() - self._users_flushed, 1e-3
+        )
+        if rate <= 0:
+            return 1.0
+        behind = self._consumer.records_behind(self.event_topics) + len(self._aligner)
+        if behind / rate < self.backlog_flush_interval_s:
+            return 1.0
+        return max(1.0, self.backlog_flush_interval_s / self.flush_interval_s)
 
     def _drained(self) -> bool:
         if self._consumer is None:
@@ -324,15 +354,20 @@ class FeatureWriter:
         self._unwritten_ts.clear()
         self._users_flushed = now
 
-    def _flush_items(self) -> None:
-        rows = [self.engine.item_row(i) for i in self._dirty_items]
+    def _flush_items(self, limit: int | None = None) -> None:
+        """Write the changed items' rows, or ``limit`` of them; the round ends with the last."""
+        dirty = self._dirty_items
+        chosen = list(dirty if limit is None else islice(dirty, limit))
+        rows = [self.engine.item_row(i) for i in chosen]
         if rows:
             self.writer.write(ITEM_VIEW.name, rows)
             self._offline_items.extend(rows)
             self.stats.item_rows += len(rows)
             FEATURE_ROWS.labels(ITEM_VIEW.name).inc(len(rows))
-        self._dirty_items.clear()
-        self._items_flushed = time.monotonic()
+        for item_id in chosen:
+            del dirty[item_id]
+        if not dirty:
+            self._items_flushed = time.monotonic()
 
     def after_commit(self, positions: dict[TopicPartition, int]) -> None:
         self._committed.update(positions)
@@ -368,8 +403,10 @@ class FeatureWriter:
     def consumer(self) -> StreamConsumer[Event | Item]:
         s = self.settings
         self._consumer = StreamConsumer(
-            s,
-            [s.topic_events, s.topic_items],
+            # A backlog is folded in (and committed) up to feature_batch_size records at a
+            # time; a live stream's polls return far fewer.
+            s.model_copy(update={"consumer_batch_size": s.feature_batch_size}),
+            [s.topic_events, s.topic_impressions, s.topic_items],
             s.feature_writer_group,
             self.decode,
             self.handle,

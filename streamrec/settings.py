@@ -94,9 +94,9 @@ class Settings(BaseSettings):
     feature_backlog_flush_interval_ms: float = Field(
         2000.0,
         ge=0,
-        description="A feature writer that is behind its input (records behind / its rate) "
-        "writes each entity at most once per that lag, up to this: features are that stale "
-        "anyway, and coalescing cuts online writes while it catches up.",
+        description="A feature writer at least this far behind its input (records behind / "
+        "its rate) writes each user at most once per this interval, and items the same "
+        "multiple of theirs: its rows are that stale anyway; fewer writes catch up faster.",
     )
     feature_snapshot_interval_s: float = Field(
         30.0,

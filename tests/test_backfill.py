@@ -18,12 +18,12 @@ from features import reference
 from features.backfill import archived_hours, backfill
 from features.definitions import ITEM_VIEW, USER_VIEW, epoch_us
 from features.store import OnlineFeatureReader, OnlineFeatureWriter, apply_repo
-from streaming.archiver import run_archiver
+from streaming.archiver import event_log_dirs, run_archiver
 from streaming.producer import EventProducer
 from streaming.simulator import Simulator, SimulatorConfig
 from streaming.topics import ensure_topics, stream_topics
 from streamrec.cli import app
-from streamrec.contract import Event, Item
+from streamrec.contract import Event, EventType, Item
 from streamrec.settings import Settings, get_settings
 
 Row = Mapping[str, Any]
@@ -42,7 +42,7 @@ def _ready_topics(settings: Settings, partitions: int) -> None:
 
 def _archived_stream(settings: Settings) -> tuple[list[Event], dict[str, str]]:
     """Six simulated days of traffic (all in the past), with producer retries and very late
-    events, archived.
+    events, archived; half of the impressions come as the API logs them, on their own topic.
 
     Returns the events in the order they were produced and the catalog's categories.
     """
@@ -56,14 +56,19 @@ def _archived_stream(settings: Settings) -> tuple[list[Event], dict[str, str]]:
     arrival = [*on_time, *late, *events[100:105]]
     items = [r for r in records if isinstance(r, Item)]
     _ready_topics(settings, 2)
+    shown = [e.event_id for e in events if e.event_type is EventType.IMPRESSION]
+    served = set(shown[::2])
     with EventProducer(settings.kafka_bootstrap, settings.topic_events,
                        settings.topic_items) as producer:
-        producer.send_many([*items, *arrival])
+        producer.send_many([*items, *(e for e in arrival if e.event_id not in served)])
+    with EventProducer(settings.kafka_bootstrap, settings.topic_impressions) as producer:
+        producer.send_many([e for e in arrival if e.event_id in served])
     archived = 0
     deadline = time.monotonic() + 120
     while archived < len(arrival):  # a busy broker may pause a run longer than its idle limit
         assert time.monotonic() < deadline, f"archived {archived} of {len(arrival)} events"
-        archived += run_archiver(settings, max_idle_s=3.0, batch_wait_s=0.5)["event_rows"]
+        run = run_archiver(settings, max_idle_s=3.0, batch_wait_s=0.5)
+        archived += run["event_rows"] + run["impression_rows"]
     assert archived == len(arrival)
     return arrival, {i.item_id: i.category for i in items}
 
@@ -181,16 +186,22 @@ def test_archived_hours_are_in_event_time_order_within_the_days(tmp_path: Path) 
     settings = Settings(home=tmp_path)
     t0 = datetime(2026, 3, 1, 22, tzinfo=UTC)
     stamps = [t0 + timedelta(hours=h) for h in (5, 0, 27, 2, 1)]
-    _hour_folders(tmp_path / "offline" / "events", stamps)
-    (tmp_path / "offline" / "events" / "_manifests").mkdir()
+    events, served = event_log_dirs(settings)
+    _hour_folders(events, stamps)
+    (events / "_manifests").mkdir()
+    # Served impressions: one hour also in the client log, one only here.
+    _hour_folders(served, [t0 + timedelta(hours=2), t0 + timedelta(hours=4)])
 
     def names(first: date | None = None, last: date | None = None) -> list[str]:
-        return [f"{p.parent.name}/{p.name}" for p in archived_hours(settings, first, last)]
+        return [f"{h.parent.name}/{h.name}" for h, *_ in archived_hours(settings, first, last)]
 
+    assert archived_hours(settings)[2] == [events / "date=2026-03-02" / "hour=00",
+                                           served / "date=2026-03-02" / "hour=00"]
     assert names() == ["date=2026-03-01/hour=22", "date=2026-03-01/hour=23",
-                       "date=2026-03-02/hour=00", "date=2026-03-02/hour=03",
-                       "date=2026-03-03/hour=01"]
+                       "date=2026-03-02/hour=00", "date=2026-03-02/hour=02",
+                       "date=2026-03-02/hour=03", "date=2026-03-03/hour=01"]
     assert names(date(2026, 3, 2), date(2026, 3, 2)) == ["date=2026-03-02/hour=00",
+                                                         "date=2026-03-02/hour=02",
                                                          "date=2026-03-02/hour=03"]
     assert names(last=date(2026, 2, 28)) == []
 

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from itertools import accumulate
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,28 @@ def test_round_trip_10k_events_nothing_lost(topics: Settings) -> None:
     seen = collect(topics, "roundtrip", 10_000)
     assert len(seen) == 10_000
     assert set(seen) == {e.event_id for e in events}
+
+
+def test_records_behind_is_what_the_broker_holds_beyond_the_polled_position(
+    topics: Settings,
+) -> None:
+    produce(topics, make_events(3_000))
+    behind: list[tuple[int, int]] = []
+    seen: list[int] = []
+
+    def handle(batch: list[Message[Event]]) -> list[Failure]:
+        seen.append(len(batch))
+        behind.append((consumer.records_behind(), consumer.records_behind(["elsewhere"])))
+        return []
+
+    settings = topics.model_copy(update={"consumer_batch_size": 500})
+    consumer = StreamConsumer(settings, [settings.topic_events], "behind", parse_event, handle)
+    consumer.run(until=lambda: sum(seen) >= 3_000)
+    # Each batch leaves exactly the rest of the log behind, as of the last fetch, which
+    # may not have covered every partition yet; other topics hold nothing of it.
+    assert all(0 <= b <= 3_000 - done and other == 0
+               for (b, other), done in zip(behind, accumulate(seen), strict=True))
+    assert behind[-1][0] == 0 and max(b for b, _ in behind) > 0
 
 
 def test_records_are_keyed_by_user_so_a_user_stays_on_one_partition(topics: Settings) -> None:
