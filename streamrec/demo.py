@@ -313,9 +313,10 @@ def _drain(
     settings: Settings, procs: _Processes, stop: threading.Event, timeout_s: float = 300
 ) -> bool:
     """Wait until every stream worker has committed everything produced so far."""
+    logged = [settings.topic_events, settings.topic_impressions, settings.topic_items]
     lags = {
-        settings.feature_writer_group: [settings.topic_events],
-        settings.archiver_group: [settings.topic_events, settings.topic_items],
+        settings.feature_writer_group: logged,
+        settings.archiver_group: logged,
         settings.catalog_group: [settings.topic_items],
     }
     deadline = time.monotonic() + timeout_s
@@ -436,7 +437,7 @@ def _stream(
                 last_report = now
                 try:
                     lag = _group_lag(settings.kafka_bootstrap, settings.feature_writer_group,
-                                     [settings.topic_events])
+                                     [settings.topic_events, settings.topic_impressions])
                 except KafkaError:
                     lag = None
                 _say(f"{label}: produced {n:,} ({n / (now - started):,.0f}/s), "
