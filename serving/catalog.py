@@ -93,10 +93,12 @@ class VectorSpace:
         Vector size; rows of another size are ignored.
 
     The index answers "nearest to"; the matrix answers "the vectors of these items" in one
-    numpy indexing (the ranker's embedding inputs for 200 candidates) without a lookup per
-    item. Searches and index updates are serialised by a lock (a search takes a fraction of
-    a millisecond; updates come in chunks of :data:`_CHUNK`). The matrix is written by the
-    one refresher thread and only grows by replacement, so readers need no lock.
+    numpy indexing without a lookup per item, and :meth:`vectors` gives them as read-only
+    row views that stay the same objects until the item's vector changes (so the ranker can
+    memoise what it computes from them). Searches and index updates are serialised by a
+    lock (a search takes a fraction of a millisecond; updates come in chunks of
+    :data:`_CHUNK`). The matrix is written by the one refresher thread and only grows by
+    replacement, so readers need no lock.
     """
 
     def __init__(self, ndim: int) -> None:
@@ -106,6 +108,9 @@ class VectorSpace:
         self._rows: tuple[np.ndarray, np.ndarray] = (
             np.zeros((0, ndim), dtype=np.float32), np.zeros(0, dtype=bool)
         )
+        # Row views handed out by :meth:`vectors`, made on first use; replaced together with
+        # the matrix, so a view always belongs to the matrix it is stored beside.
+        self._views: tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]] = (*self._rows, {})
 
     def __len__(self) -> int:
         return len(self._index)
@@ -119,9 +124,21 @@ class VectorSpace:
             matrix = np.concatenate([matrix, np.zeros((grown - len(matrix), self.ndim),
                                                       dtype=np.float32)])
             present = np.concatenate([present, np.zeros(grown - len(present), dtype=bool)])
+        views_of, _, views = self._views
+        changed = keys.tolist()
+        # A changed vector is a new object. Dropped before the write too: a view made while
+        # the row was being written (a torn read, as any unlocked read may see) then lives
+        # no longer than the request that made it, so nothing memoised from it outlasts it.
+        for key in changed:
+            views.pop(key, None)
         matrix[keys] = vectors
         present[keys] = True
         self._rows = (matrix, present)
+        if views_of is not matrix:
+            self._views = (matrix, present, {})
+        else:
+            for key in changed:
+                views.pop(key, None)
         for start in range(0, len(keys), _CHUNK):
             chunk = keys[start : start + _CHUNK]
             with self._lock:
@@ -138,6 +155,19 @@ class VectorSpace:
         has = inside & present[safe] if len(present) else np.zeros(len(keys), dtype=bool)
         return (matrix[safe] if len(matrix) else np.zeros((len(keys), self.ndim),
                                                           dtype=np.float32)), has
+
+    def vectors(self, keys: Sequence[int]) -> list[np.ndarray | None]:
+        """The vector of each key as a read-only row view (``None``: none), the same object
+        on every call until the key's vector changes."""
+        matrix, present, views = self._views
+        out: list[np.ndarray | None] = []
+        for key in keys:
+            view = views.get(key)
+            if view is None and 0 <= key < len(present) and present[key]:
+                view = views[key] = matrix[key]
+                view.flags.writeable = False
+            out.append(view)
+        return out
 
     def search(self, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
         """For each query, up to ``k`` ``(key, cosine similarity)`` pairs, nearest first."""
@@ -316,13 +346,13 @@ class Catalog:
         """The ``item_profile`` and ``item_embeddings`` columns of ``item_ids``, named like
         ``OnlineFeatureReader.read(..., full_feature_names=True)`` returns them (``None``
         where the catalog has no value)."""
-        keys = np.array([self.number.get(item, -1) for item in item_ids], dtype=np.int64)
-        out: dict[str, list[Any]] = {}
-        for name, space in (("graph_vector", self.graph), ("text_vector", self.text)):
-            vectors, has = space.rows(keys)
-            out[f"item_embeddings__{name}"] = [
-                vector if ok else None for vector, ok in zip(vectors, has.tolist(), strict=True)
-            ]
+        number = self.number.get
+        key_list = [number(item, -1) for item in item_ids]
+        keys = np.array(key_list, dtype=np.int64)
+        out: dict[str, list[Any]] = {
+            "item_embeddings__graph_vector": self.graph.vectors(key_list),
+            "item_embeddings__text_vector": self.text.vectors(key_list),
+        }
         table = self._profile_rows
         inside = (keys >= 0) & (keys < len(table))
         rows = table[np.where(inside, keys, 0)] if len(table) else np.full(

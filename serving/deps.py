@@ -18,13 +18,13 @@ from serving.runtime import ServingRuntime
 from streamrec.settings import Settings
 
 
-def app_settings(request: Request) -> Settings:
+async def app_settings(request: Request) -> Settings:
     """The settings the app was created with."""
     settings: Settings = request.app.state.settings
     return settings
 
 
-def app_publisher(request: Request) -> Publisher:
+async def app_publisher(request: Request) -> Publisher:
     """The app's Kafka publisher (created by the lifespan, connected on first use)."""
     publisher: Publisher = request.app.state.publisher
     return publisher
@@ -34,13 +34,13 @@ SettingsDep = Annotated[Settings, Depends(app_settings)]
 PublisherDep = Annotated[Publisher, Depends(app_publisher)]
 
 
-def app_runtime(request: Request) -> ServingRuntime:
+async def app_runtime(request: Request) -> ServingRuntime:
     """The recommendation runtime (catalog, feed, models, store access; set by the lifespan)."""
     runtime: ServingRuntime = request.app.state.runtime
     return runtime
 
 
-def app_metrics(request: Request) -> ServingMetrics:
+async def app_metrics(request: Request) -> ServingMetrics:
     """The app's Prometheus metrics."""
     metrics: ServingMetrics = request.app.state.metrics
     return metrics

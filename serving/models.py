@@ -27,6 +27,7 @@ True
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import threading
@@ -44,7 +45,7 @@ from streamrec.settings import Settings
 if TYPE_CHECKING:
     from training.ranking_batch import RankingBatch
 
-__all__ = ["KINDS", "LoadedModel", "ModelWatcher", "Scorer", "ServedModels"]
+__all__ = ["KINDS", "LoadedModel", "ModelWatcher", "Scorer", "ServedModels", "settle_heap"]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,21 @@ class ServedModels:
     def versions(self) -> dict[str, str | None]:
         current = self._current
         return {kind: m.version if m is not None else None for kind, m in current.items()}
+
+
+def settle_heap() -> None:
+    """Take every object alive now out of the cyclic garbage collector's sight.
+
+    An API process holds ~400,000 long-lived objects (torch, Feast, pandas, the models).
+    Every full collection walks all of them: a pause of ~200 ms every few seconds under
+    load, ~0.6 ms per request on average, and a p99 spike. Frozen (``gc.freeze``), they
+    are never walked again; a request's own garbage is still collected, and frozen objects
+    are still freed when nothing refers to them. The collection before freezing pauses once
+    (~200 ms), so it runs when a kind of model is first served, not on every reload.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def _load(kind: str, folder: Path, settings: Settings) -> Scorer:
@@ -207,7 +223,9 @@ class ModelWatcher:
                 self.problems[kind] = f"champion {version} failed to load: {exc}"
             return
         self.models.publish(LoadedModel(kind, version, model))
-        if served is not None:
+        if served is None:
+            settle_heap()
+        else:
             self.metrics.model_info.remove(kind, served.version)
         self.metrics.model_info.labels(kind=kind, version=version).set(1)
         self.metrics.model_reloads.labels(kind=kind, outcome="loaded").inc()

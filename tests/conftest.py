@@ -112,3 +112,15 @@ def online_store_settings(request: pytest.FixtureRequest, kafka_settings: Settin
     url = request.getfixturevalue("redis_url")
     redis.Redis.from_url(url).flushdb()
     return kafka_settings.model_copy(update={"online_store": "redis", "redis_url": url})
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread for a module: models this small gain nothing from a second one,
+    and on a shared 2-core machine two spinning threads per process slow everything down."""
+    import torch  # only the modules that ask for this fixture pay for the import
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

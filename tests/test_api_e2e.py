@@ -96,6 +96,8 @@ def test_clicks_steer_recommendations_and_a_new_item_is_recommended_untouched(
 ) -> None:
     settings = kafka_settings.model_copy(update={
         "serving_catalog_refresh_s": 0.5, "serving_trending_lookback_s": 300.0,
+        # The workers share this process: no overload fallback for a request they delay.
+        "serving_queue_timeout_ms": 60_000,
     })
     ensure_topics(settings.kafka_bootstrap, stream_topics(settings), 2)
     world = populate(settings)

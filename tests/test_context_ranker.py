@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import doctest
 import importlib
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,13 +32,7 @@ SMALL = ContextRankerConfig(dim=16, hidden=(32,), attention_hidden=16, epochs=4,
                             batch_size=512, lr=3e-3, hash_buckets=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Two spinning threads per process on a shared 2-core machine slow everything down.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @dataclass(frozen=True)

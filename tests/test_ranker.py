@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import doctest
 import importlib
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,15 +18,7 @@ from training.data import Interactions
 from training.evaluation import Queries, evaluate, leave_one_out
 from training.ranker import ItemVocab, Ranker, RankerConfig, encode_context, stable_hash
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Models this small gain nothing from a second thread, and on a shared 2-core machine
-    # two spinning threads per process slow everything down many times over.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SMALL = RankerConfig(max_len=20, dim=16, heads=2, layers=1, dropout=0.1, negatives=64,

@@ -212,9 +212,32 @@ class OnlineModel:
         for j, name in enumerate(_DEVICE_INPUTS):
             x[:, n_numeric + j] = batch.device == name.partition("=")[2]
         z = ((x - mean) * inv_std) @ dense_w
-        weights = self.linear._weights
-        sparse = np.array([sum(weights.get(k, 0.0) for k in keys) for keys in self._sparse(batch)])
-        return z + sparse + self.linear.intercept
+        return z + self._sparse_logits(batch) + self.linear.intercept
+
+    def _sparse_logits(self, batch: RankingBatch) -> np.ndarray:
+        """Each row's sum of its :meth:`_sparse` weights, added in the same order.
+
+        The rows of a request share their user and repeat categories: each distinct user,
+        item and (user, category) pair is looked up once.
+        """
+        get = self.linear._weights.get
+        users, items = batch.user_ids, batch.item_ids
+        categories = self._categories(batch)
+        user_w = {u: get(f"user={u}", 0.0) for u in dict.fromkeys(users)}
+        item_w = {i: get(f"item={i}", 0.0) for i in dict.fromkeys(items)}
+        pairs = dict.fromkeys(zip(users, categories, strict=True))
+        category_w = {pair: get(f"category={pair[1]}", 0.0) if pair[1] else 0.0
+                      for pair in pairs}
+        cross_w = {pair: get(f"user_category={pair[0]}|{pair[1]}", 0.0) if pair[1] else 0.0
+                   for pair in pairs}
+        n = len(batch)
+
+        def column(weights: dict[Any, float], keys: Any) -> np.ndarray:
+            return np.fromiter(map(weights.__getitem__, keys), dtype=np.float64, count=n)
+
+        keys = list(zip(users, categories, strict=True))
+        return (column(user_w, users) + column(item_w, items) + column(category_w, keys)
+                + column(cross_w, keys))
 
     def score(self, batch: RankingBatch) -> np.ndarray:
         """Click probability of every row (what River's ``predict_proba_one`` gives)."""

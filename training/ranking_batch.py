@@ -45,7 +45,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from features.definitions import COUNTED_TYPES, ITEM_VIEW, STATS_WINDOWS, USER_VIEW, count_name
+from features.definitions import (
+    COUNTED_TYPES,
+    ITEM_VIEW,
+    STATS_WINDOWS,
+    USER_VIEW,
+    Window,
+    count_name,
+)
 from streamrec.contract import Device
 
 if TYPE_CHECKING:
@@ -168,6 +175,9 @@ class RankingBatch:
             raw = self.features.get(name)
             if raw is None:
                 values = np.full(len(self), np.nan)
+            elif isinstance(raw, list) and raw and raw.count(raw[0]) == len(raw):
+                # One value on every row (a request's user features): converted once.
+                values = np.full(len(raw), np.nan if raw[0] is None else raw[0], np.float64)
             else:
                 try:  # the common case, a full column: numpy's C conversion
                     values = np.array(raw, dtype=np.float64)
@@ -179,7 +189,7 @@ class RankingBatch:
     @cached_property
     def numeric(self) -> np.ndarray:
         """:func:`numeric_matrix` of this batch, computed on first use (shared: do not modify)."""
-        x = np.column_stack([fn(self) for fn in _COLUMNS.values()]).astype(np.float32)
+        x = np.hstack([block(self) for _, block in _BLOCKS]).astype(np.float32)
         return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
     def take(self, index: np.ndarray | Sequence[int]) -> RankingBatch:
@@ -211,10 +221,19 @@ def _missing(value: Any) -> bool:
 # --- numeric features ----------------------------------------------------------------------
 
 _Column = Callable[[RankingBatch], np.ndarray]
+_Block = tuple[tuple[str, ...], Callable[[RankingBatch], np.ndarray]]
+"""Names of features and the function computing them as ``(len(batch), k)`` columns: a
+family of features (every window count of a view) costs a few numpy operations for all its
+members, rather than a few per member."""
 
 
 def _floats(batch: RankingBatch, name: str) -> np.ndarray:
     return batch.floats(name)
+
+
+def _stack(batch: RankingBatch, view: str, names: Sequence[str]) -> np.ndarray:
+    """The features ``names`` of ``view`` as float64 columns (a new array)."""
+    return np.column_stack([_floats(batch, f"{view}__{n}") for n in names])
 
 
 def _elapsed_s(batch: RankingBatch, view: str) -> np.ndarray:
@@ -222,22 +241,32 @@ def _elapsed_s(batch: RankingBatch, view: str) -> np.ndarray:
     return np.maximum(batch.ts_s - _floats(batch, f"{view}__last_event_ts"), 0.0)
 
 
-def _window_count(view: str, name: str, window_s: float) -> _Column:
-    def column(batch: RankingBatch) -> np.ndarray:
-        counts = _floats(batch, f"{view}__{name}").copy()
+def _window_counts(prefix: str, view: str, windows: Sequence[Window]) -> _Block:
+    names = [count_name(t, w) for w in windows for t in COUNTED_TYPES]
+    limits = np.array([float(w.seconds) for w in windows for _ in COUNTED_TYPES])
+
+    def block(batch: RankingBatch) -> np.ndarray:
+        counts = _stack(batch, view, names)
         # The whole window has passed since the count was taken: nothing of it is left.
-        counts[_elapsed_s(batch, view) >= window_s] = 0.0
+        counts[_elapsed_s(batch, view)[:, None] >= limits] = 0.0
         return np.log1p(counts)
 
-    return column
+    return tuple(f"{prefix}_{n}" for n in names), block
 
 
-def _log_count(view: str, name: str) -> _Column:
-    return lambda batch: np.log1p(np.maximum(_floats(batch, f"{view}__{name}"), 0.0))
+def _log_counts(view: str, names: Sequence[str], labels: Sequence[str]) -> _Block:
+    def block(batch: RankingBatch) -> np.ndarray:
+        return np.log1p(np.maximum(_stack(batch, view, names), 0.0))
+
+    return tuple(labels), block
 
 
-def _plain(view: str, name: str) -> _Column:
-    return lambda batch: _floats(batch, f"{view}__{name}")
+def _plain(view: str, names: Sequence[str], labels: Sequence[str]) -> _Block:
+    return tuple(labels), lambda batch: _stack(batch, view, names)
+
+
+def _one(label: str, column: _Column) -> _Block:
+    return (label,), lambda batch: column(batch)[:, None]
 
 
 def _log_elapsed(view: str) -> _Column:
@@ -300,64 +329,51 @@ def _recency_rank(batch: RankingBatch) -> np.ndarray:
     return out
 
 
-def _hour(fn: Callable[[np.ndarray], np.ndarray]) -> _Column:
-    return lambda batch: fn(2 * np.pi * ((batch.ts_s % _DAY_S) / _DAY_S))
+def _hours(batch: RankingBatch) -> np.ndarray:
+    angle = 2 * np.pi * ((batch.ts_s % _DAY_S) / _DAY_S)
+    return np.column_stack([np.sin(angle), np.cos(angle)])
 
 
-def _stats_counts(view: str, names: Sequence[str]) -> dict[str, _Column]:
-    return {f"{view.split('_')[0]}_{n}": _log_count(view, n) for n in names}
+def _stats_counts(view: str, names: Sequence[str]) -> _Block:
+    return _log_counts(view, names, [f"{view.split('_')[0]}_{n}" for n in names])
 
 
-_USER_WINDOWS = {w.name: float(w.seconds) for w in USER_VIEW.windows}
-_ITEM_WINDOWS = {w.name: float(w.seconds) for w in ITEM_VIEW.windows}
+_ITEM_WINDOWS = [w.name for w in ITEM_VIEW.windows]
 
-_COLUMNS: dict[str, _Column] = {
+_BLOCKS: list[_Block] = [
     # What the user did lately (stream), as of the request.
-    **{
-        f"user_{count_name(t, w)}": _window_count(
-            "user_realtime", count_name(t, w), _USER_WINDOWS[w.name]
-        )
-        for w in USER_VIEW.windows
-        for t in COUNTED_TYPES
-    },
-    "user_session_events": _log_count("user_realtime", "session_events"),
-    "user_session_duration_s": _log_count("user_realtime", "session_duration_s"),
-    "user_idle_s": _log_elapsed("user_realtime"),
+    _window_counts("user", "user_realtime", USER_VIEW.windows),
+    _log_counts("user_realtime", ["session_events", "session_duration_s"],
+                ["user_session_events", "user_session_duration_s"]),
+    _one("user_idle_s", _log_elapsed("user_realtime")),
     # The user's longer history (batch).
-    **_stats_counts(
-        "user_stats", [count_name(t, w) for w in STATS_WINDOWS for t in COUNTED_TYPES]
-    ),
-    "user_purchase_rate_30d": _plain("user_stats", "purchase_rate_30d"),
-    "user_avg_price_30d": _log_count("user_stats", "avg_price_30d"),
+    _stats_counts("user_stats", [count_name(t, w) for w in STATS_WINDOWS for t in COUNTED_TYPES]),
+    _plain("user_stats", ["purchase_rate_30d"], ["user_purchase_rate_30d"]),
+    _log_counts("user_stats", ["avg_price_30d"], ["user_avg_price_30d"]),
     # How the candidate is doing now (stream) and over weeks (batch).
-    **{
-        f"item_{count_name(t, w)}": _window_count(
-            "item_realtime", count_name(t, w), _ITEM_WINDOWS[w.name]
-        )
-        for w in ITEM_VIEW.windows
-        for t in COUNTED_TYPES
-    },
-    **{f"item_ctr_{w}": _plain("item_realtime", f"ctr_{w}") for w in _ITEM_WINDOWS},
-    "item_idle_s": _log_elapsed("item_realtime"),
-    **_stats_counts(
+    _window_counts("item", "item_realtime", ITEM_VIEW.windows),
+    _plain("item_realtime", [f"ctr_{w}" for w in _ITEM_WINDOWS],
+           [f"item_ctr_{w}" for w in _ITEM_WINDOWS]),
+    _one("item_idle_s", _log_elapsed("item_realtime")),
+    _stats_counts(
         "item_stats",
         [f"{k}_{w.name}" for w in STATS_WINDOWS for k in ("popularity", "unique_users")],
     ),
-    **{f"item_ctr_{w.name}": _plain("item_stats", f"ctr_{w.name}") for w in STATS_WINDOWS},
+    _plain("item_stats", [f"ctr_{w.name}" for w in STATS_WINDOWS],
+           [f"item_ctr_{w.name}" for w in STATS_WINDOWS]),
     # The catalog entry.
-    "item_age_days": _item_age_days,
-    "item_price": _log_count("item_profile", "price"),
+    _one("item_age_days", _item_age_days),
+    _log_counts("item_profile", ["price"], ["item_price"]),
     # The pair.
-    "price_vs_user_avg": _price_ratio,
-    "category_affinity": _category_affinity,
-    "same_category_as_last": _same_category_as_last,
-    "recently_interacted": _recency_rank,
+    _one("price_vs_user_avg", _price_ratio),
+    _one("category_affinity", _category_affinity),
+    _one("same_category_as_last", _same_category_as_last),
+    _one("recently_interacted", _recency_rank),
     # The moment (UTC hour of day on the circle).
-    "hour_sin": _hour(np.sin),
-    "hour_cos": _hour(np.cos),
-}
+    (("hour_sin", "hour_cos"), _hours),
+]
 
-NUMERIC_FEATURES: tuple[str, ...] = tuple(_COLUMNS)
+NUMERIC_FEATURES: tuple[str, ...] = tuple(name for names, _ in _BLOCKS for name in names)
 """Names of :func:`numeric_matrix`'s columns, in order."""
 
 
