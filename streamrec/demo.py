@@ -313,10 +313,12 @@ def _drain(
     settings: Settings, procs: _Processes, stop: threading.Event, timeout_s: float = 300
 ) -> bool:
     """Wait until every stream worker has committed everything produced so far."""
-    logged = [settings.topic_events, settings.topic_impressions, settings.topic_items]
+    # The topics the demo itself produces to; `impressions` is left out: the API keeps
+    # logging the probe's slates to it, so its lag need never reach zero.
+    produced = [settings.topic_events, settings.topic_items]
     lags = {
-        settings.feature_writer_group: logged,
-        settings.archiver_group: logged,
+        settings.feature_writer_group: produced,
+        settings.archiver_group: produced,
         settings.catalog_group: [settings.topic_items],
     }
     deadline = time.monotonic() + timeout_s
@@ -457,7 +459,9 @@ def run_demo(settings: Settings, options: DemoOptions | None = None) -> int:
         settings = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})
     settings = settings.model_copy(update={"home": settings.home.resolve()})
     stop = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # Ctrl-C, or a `kill` from a supervisor: either way the workers and the broker stop too.
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     procs = _Processes(settings)
     try:
         ensure_topics(settings.kafka_bootstrap, stream_topics(settings), settings.topic_partitions)
@@ -473,7 +477,8 @@ def run_demo(settings: Settings, options: DemoOptions | None = None) -> int:
         _say("the stream workers are consuming")
         return _run(settings, options, procs, stop)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if procs.running:
             _say("stopping " + ", ".join(procs.running) + " …")
         procs.stop()
