@@ -198,10 +198,10 @@ def api(
 def demo(
     history_days: Annotated[
         float, typer.Option(help="Days of past traffic streamed before batch and training.")
-    ] = 7.0,
+    ] = 28.0,
     history_events: Annotated[
         int, typer.Option(help="At most this many history events.")
-    ] = 100_000,
+    ] = 300_000,
     events: Annotated[int, typer.Option(help="Live events once the API serves.")] = 20_000,
     rate: Annotated[float, typer.Option(help="Live events per second.", min=1)] = 1_000,
     request_rate: Annotated[
