@@ -53,7 +53,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 import uuid
 from collections import deque
@@ -74,7 +73,7 @@ from streaming.metrics import WorkerReporter, status_folder
 from streamrec.contract import Event, EventType, parse_event
 from streamrec.settings import Settings
 from training.labels import LabelJoiner, LabelledExample
-from training.online_model import NUMERIC_INPUTS, SPARSE_FIELDS, OnlineModel
+from training.online_model import KIND, OnlineModel, register_snapshot
 from training.ranking_batch import RankingBatch
 from training.registry import ModelRegistry, RegistryError
 
@@ -82,7 +81,6 @@ __all__ = ["LearnerStats", "OnlineLearner", "read_retrain_request", "retrain_req
 
 log = logging.getLogger(__name__)
 
-KIND = "online"
 """Registry kind of the online model's snapshots."""
 WORKER = "learner"
 
@@ -366,7 +364,6 @@ class OnlineLearner:
 
     def snapshot(self) -> str:
         """Register the model as a new ``online`` version, promote it, prune old ones."""
-        metrics = self.model.metrics()
         window = {
             "start": _iso(self._window_start),
             "end": _iso(self._window_end),
@@ -374,29 +371,18 @@ class OnlineLearner:
             "end_s": self._window_end,
             "examples": self.model.examples,
         }
-        scratch = self.settings.home / "state"
-        scratch.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=scratch, prefix=".online-snapshot-") as tmp:
-            self.model.save(Path(tmp))
-            version = self.registry.register(
-                KIND,
-                Path(tmp),
-                metrics={k: v for k, v in metrics.items() if k != "drift_detected"},
-                data_window=window,
-                features=["service:ranker_features", *NUMERIC_INPUTS, *SPARSE_FIELDS],
-                params={**asdict(self.model.config), "base_version": self.base_version,
-                        "param_count": self.model.param_count},
-            )
-        self.registry.promote(KIND, version.version)
+        version = register_snapshot(self.registry, self.model, window,
+                                    self.settings.home / "state", self.base_version)
+        metrics = self.model.metrics()
         pruned = self.registry.prune(KIND, keep=self.settings.learner_keep_snapshots)
-        self.version = version.version
+        self.version = version
         self._since_snapshot = 0
         self._snapshot_at = time.monotonic()
         self.stats.snapshots += 1
         ONLINE_SNAPSHOTS.inc()
         log.info("online snapshot %s promoted (%d examples, rolling AUC %s; pruned %d)",
-                 version.version, self.model.examples, metrics["rolling_auc"], len(pruned))
-        return version.version
+                 version, self.model.examples, metrics["rolling_auc"], len(pruned))
+        return version
 
     def status(self) -> dict[str, Any]:
         """Worker-specific fields of the status line and of ``learner.json``."""

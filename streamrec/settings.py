@@ -346,6 +346,13 @@ class Settings(BaseSettings):
         description="A candidate is promoted only if it beats the champion's promotion "
         "metric by more than this.",
     )
+    train_online_bootstrap_rows: int = Field(
+        200_000,
+        ge=0,
+        description="A training run that finds no online model registered teaches a fresh "
+        "one this many of its newest labelled examples and promotes it, so serving has one "
+        "before the learner's first snapshot (0: never).",
+    )
     train_retrain_poll_s: float = Field(
         10.0,
         gt=0,

@@ -23,10 +23,11 @@ from training.holdout import (
     temporal_split,
 )
 from training.labels import label_event_log, read_event_log
+from training.online_model import OnlineModel
 from training.ranking_batch import RankingBatch
 from training.registry import ModelRegistry
 from training.simulated import SimulatedHome, SimulatorConfig, simulate_home
-from training.train_loop import KIND, gate, train_command, train_once
+from training.train_loop import KIND, bootstrap_online, gate, train_command, train_once
 
 SMALL = ContextRankerConfig(dim=16, hidden=(32,), attention_hidden=16, epochs=4, patience=2,
                             batch_size=512, lr=3e-3, hash_buckets=64)
@@ -184,6 +185,28 @@ def test_gate_records_a_drift_trigger_in_the_manifest(world: World, tmp_path: Pa
                  data_window={"start": "s", "end": "e"}, features=["f"])
     assert plain.trigger == "schedule"
     assert registry.get(KIND, plain.version).manifest["data_window"]["trigger"] == "schedule"
+
+
+def test_a_run_without_an_online_model_bootstraps_one_and_never_replaces_it(
+    world: World, tmp_path: Path
+) -> None:
+    registry = ModelRegistry(tmp_path / "models")
+    settings = world.settings.model_copy(
+        update={"home": tmp_path, "train_online_bootstrap_rows": 400})
+    train = world.holdout.train
+    version = bootstrap_online(settings, registry, train)
+    assert version is not None and registry.champion("online").version == version
+    manifest = registry.get("online", version).manifest
+    assert manifest["data_window"]["bootstrap"] is True
+    assert manifest["data_window"]["examples"] == min(400, len(train))
+    # The newest rows, in time order: the window ends with the training set's last moment.
+    assert manifest["data_window"]["end_s"] == pytest.approx(float(train.batch.ts_s.max()))
+    model = OnlineModel.load(registry.open("online", version))
+    scores = model.score(world.holdout.test.batch)
+    assert np.isfinite(scores).all() and scores.std() > 0
+    assert bootstrap_online(settings, registry, train) is None  # the learner's from now on
+    off = settings.model_copy(update={"train_online_bootstrap_rows": 0})
+    assert bootstrap_online(off, ModelRegistry(tmp_path / "other"), train) is None
 
 
 @pytest.mark.slow

@@ -64,12 +64,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import river
@@ -78,7 +79,21 @@ from river import drift, linear_model, metrics, optim, preprocessing, utils
 from streamrec.contract import Device
 from training.ranking_batch import NUMERIC_FEATURES, RankingBatch, numeric_matrix, numeric_rows
 
-__all__ = ["MODEL_FILE", "NUMERIC_INPUTS", "SPARSE_FIELDS", "OnlineModel", "OnlineModelConfig"]
+if TYPE_CHECKING:
+    from training.registry import ModelRegistry
+
+__all__ = [
+    "KIND",
+    "MODEL_FILE",
+    "NUMERIC_INPUTS",
+    "SPARSE_FIELDS",
+    "OnlineModel",
+    "OnlineModelConfig",
+    "register_snapshot",
+]
+
+KIND = "online"
+"""The registry kind of online-model snapshots."""
 
 MODEL_FILE = "online_model.json"
 """The one file a saved model consists of."""
@@ -404,6 +419,36 @@ class OnlineModel:
     def load(cls, folder: Path) -> OnlineModel:
         """Read a model :meth:`save` wrote (JSON only: loading never runs code)."""
         return cls.from_state(json.loads((Path(folder) / MODEL_FILE).read_text()))
+
+
+def register_snapshot(
+    registry: ModelRegistry,
+    model: OnlineModel,
+    window: Mapping[str, Any],
+    scratch: Path,
+    base_version: str | None = None,
+) -> str:
+    """Register ``model`` as a new :data:`KIND` version, promote it, return the version.
+
+    ``window`` describes the examples it learnt (``start``/``end`` and ``start_s``/``end_s``,
+    ``examples``); ``scratch`` is a folder on the registry's file system for the staging
+    copy; ``base_version`` the snapshot it resumed from.
+    """
+    metrics = model.metrics()
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".online-snapshot-") as tmp:
+        model.save(Path(tmp))
+        version = registry.register(
+            KIND,
+            Path(tmp),
+            metrics={k: v for k, v in metrics.items() if k != "drift_detected"},
+            data_window=dict(window),
+            features=["service:ranker_features", *NUMERIC_INPUTS, *SPARSE_FIELDS],
+            params={**asdict(model.config), "base_version": base_version,
+                    "param_count": model.param_count},
+        )
+    registry.promote(KIND, version.version)
+    return version.version
 
 
 def _log_loss(y: bool, p: float) -> float:

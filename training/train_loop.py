@@ -66,7 +66,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -97,6 +97,7 @@ _UNIT_S = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
 
 if TYPE_CHECKING:  # torch and friends load lazily: `streamrec --help` stays fast
     from training.context_ranker import ContextRanker, ContextRankerConfig
+    from training.dataset import TrainingSet
     from training.holdout import Holdout
     from training.registry import ModelRegistry
 
@@ -254,6 +255,42 @@ def gate(
     )
 
 
+def bootstrap_online(
+    settings: Settings, registry: ModelRegistry, data: TrainingSet
+) -> str | None:
+    """A first online model when the registry has none: the champion version, else ``None``.
+
+    The River model learns from every labelled impression, but a new deployment has none
+    yet, and serving flags every answer without it as degraded until the learner's first
+    snapshot. So a run that finds no online champion teaches a fresh model the newest
+    ``train_online_bootstrap_rows`` of its labelled examples, in time order, registers and
+    promotes it; the learner then resumes from it. An existing champion is never replaced:
+    it is the learner's.
+    """
+    import numpy as np
+
+    from training.online_model import KIND, OnlineModel, register_snapshot
+
+    if registry.champion(KIND) is not None or not len(data) or not (
+        limit := settings.train_online_bootstrap_rows
+    ):
+        return None
+    newest = np.argsort(data.batch.ts_s, kind="stable")[-limit:]
+    rows = data.take(newest)
+    model = OnlineModel()
+    model.learn(rows.batch, rows.labels > 0.5)
+    first, last = float(rows.batch.ts_s[0]), float(rows.batch.ts_s[-1])
+    window = {
+        "start": datetime.fromtimestamp(first, UTC).isoformat(),
+        "end": datetime.fromtimestamp(last, UTC).isoformat(),
+        "start_s": first,
+        "end_s": last,
+        "examples": model.examples,
+        "bootstrap": True,
+    }
+    return register_snapshot(registry, model, window, settings.home / "state")
+
+
 def train_once(
     settings: Settings,
     *,
@@ -319,8 +356,13 @@ def train_once(
         "sampled": bool(data.examples["sampled"].any()) if "sampled" in data.examples else False,
     }
     features = [c for spec in service_views(store) for c in spec.columns]
+    registry = ModelRegistry.from_settings(settings)
+    online = bootstrap_online(settings, registry, data)
+    if online is not None:
+        say(f"no online model yet: registered and promoted {online}, learnt from the "
+            f"newest {settings.train_online_bootstrap_rows:,} labelled examples at most")
     return gate(
-        ModelRegistry.from_settings(settings),
+        registry,
         Holdout(train, test, interactions, cut),
         candidate,
         metric=settings.train_promotion_metric,
