@@ -241,8 +241,8 @@ class LocalKafka:
                     "kafka.tools.StorageTool",
                     "format",
                     "--standalone",
-                    "-t",
-                    cluster_id,
+                    # "=": an id may start with "-", which argparse would read as an option.
+                    f"--cluster-id={cluster_id}",
                     "-c",
                     str(self._config),
                 ],
