@@ -85,7 +85,7 @@ from feast.infra.key_encoding_utils import serialize_entity_key_prefix
 from feast.infra.online_stores.helpers import _mmh3
 from feast.infra.online_stores.redis import _versioned_fv_name
 from feast.infra.online_stores.sqlite import _table_id
-from feast.protos.feast.types.Value_pb2 import FloatList, StringList
+from feast.protos.feast.types.Value_pb2 import DoubleList, FloatList, StringList
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.repo_config import RepoConfig
 from feast.repo_operations import apply_total_with_repo_instance, parse_repo
@@ -95,6 +95,7 @@ from feast.value_type import ValueType
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from features.definitions import TIMESTAMP_FIELD, epoch_us
+from features.packed import PACKED
 from streamrec.settings import Settings
 
 __all__ = [
@@ -292,12 +293,18 @@ def _float32_list(value: Any) -> _Encoded:
     return ValueProto(float_list_val=FloatList(val=values)).SerializeToString(), None
 
 
+def _float64_list(value: Any) -> _Encoded:
+    values = value.tolist() if hasattr(value, "tolist") else value
+    return ValueProto(double_list_val=DoubleList(val=values)).SerializeToString(), None
+
+
 _ENCODERS: list[tuple[FeastType, Callable[[], Callable[[Any], _Encoded]]]] = [
     (Int64, lambda: _encode_cached(_int64)),
     (Float64, lambda: _encode_uncached(_float64)),
     (String, lambda: _encode_cached(_string)),
     (Array(String), lambda: _encode_uncached(_string_list)),
     (Array(Float32), lambda: _encode_uncached(_float32_list)),
+    (Array(Float64), lambda: _encode_uncached(_float64_list)),
 ]
 
 _ARROW_TYPES: list[tuple[FeastType, pa.DataType]] = [
@@ -306,6 +313,7 @@ _ARROW_TYPES: list[tuple[FeastType, pa.DataType]] = [
     (String, pa.string()),
     (Array(String), pa.list_(pa.string())),
     (Array(Float32), pa.list_(pa.float32())),
+    (Array(Float64), pa.list_(pa.float64())),
 ]
 
 
@@ -390,26 +398,31 @@ def _length_delimited_tag(descriptor: Any, field: str) -> bytes:
     return _varint_bytes(descriptor.fields_by_name[field].number << 3 | 2)
 
 
-_FLOAT_LIST_TAG = _length_delimited_tag(ValueProto.DESCRIPTOR, "float_list_val")
-_PACKED_FLOATS_TAG = _length_delimited_tag(FloatList.DESCRIPTOR, "val")
+_PACKED_TAG = _length_delimited_tag(FloatList.DESCRIPTOR, "val")  # DoubleList's too
+_LIST_TAGS = {
+    np.dtype("<f4"): _length_delimited_tag(ValueProto.DESCRIPTOR, "float_list_val"),
+    np.dtype("<f8"): _length_delimited_tag(ValueProto.DESCRIPTOR, "double_list_val"),
+}
 
 
-def _packed_floats_start(blob: bytes) -> int | None:
-    """Where the float32 payload of a serialized ``float_list_val`` starts, if it is one."""
-    if not blob.startswith(_FLOAT_LIST_TAG):
+def _packed_start(blob: bytes, dtype: np.dtype) -> int | None:
+    """Where the payload of a serialized packed ``float_list_val`` (float32) or
+    ``double_list_val`` (float64) starts, if ``blob`` is one."""
+    tag = _LIST_TAGS[dtype]
+    if not blob.startswith(tag):
         return None
     try:
-        length, at = _varint(blob, len(_FLOAT_LIST_TAG))
-        if at + length != len(blob) or not blob.startswith(_PACKED_FLOATS_TAG, at):
+        length, at = _varint(blob, len(tag))
+        if at + length != len(blob) or not blob.startswith(_PACKED_TAG, at):
             return None
-        size, at = _varint(blob, at + len(_PACKED_FLOATS_TAG))
+        size, at = _varint(blob, at + len(_PACKED_TAG))
     except IndexError:
         return None
-    return at if at + size == len(blob) and size % 4 == 0 else None
+    return at if at + size == len(blob) and size % dtype.itemsize == 0 else None
 
 
-def _vector_decoder() -> Callable[[bytes], np.ndarray | None]:
-    """Decodes an ``Array(Float32)`` value into a float32 array.
+def _vector_decoder(dtype: np.dtype) -> Callable[[bytes], np.ndarray | None]:
+    """Decodes an ``Array(Float32)`` or ``Array(Float64)`` value into an array of ``dtype``.
 
     A 384-float Python list costs ~30 µs to build, and serving reads two vectors for each of
     200 candidates; the packed payload of the protobuf is the array already. Vectors of one
@@ -420,19 +433,21 @@ def _vector_decoder() -> Callable[[bytes], np.ndarray | None]:
     def decode(blob: bytes) -> np.ndarray | None:
         header = headers.get(len(blob))
         if header is None or not blob.startswith(header):
-            start = _packed_floats_start(blob)
+            start = _packed_start(blob, dtype)
             if start is None:  # empty, null or unpacked: let protobuf parse it
                 value = _decode(blob)
-                return None if value is None else np.asarray(value, dtype=np.float32)
+                return None if value is None else np.asarray(value, dtype=dtype)
             header = headers[len(blob)] = blob[:start]
-        return np.frombuffer(blob, dtype="<f4", offset=len(header)).copy()
+        return np.frombuffer(blob, dtype=dtype, offset=len(header)).copy()
 
     return decode
 
 
 def _decoder(dtype: FeastType) -> Callable[[_Column], list[Any]]:
     if dtype == Array(Float32):
-        return _each(_vector_decoder())
+        return _each(_vector_decoder(np.dtype("<f4")))
+    if dtype == Array(Float64):
+        return _each(_vector_decoder(np.dtype("<f8")))
     # Only immutable values may be shared between results: lists are decoded every time.
     return _decode_cached() if dtype in (Int64, Float64, String) else _each(_decode)
 
@@ -892,9 +907,15 @@ class OnlineFeatureWriter:
         self._backend.forget()
 
     def write(self, view_name: str, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Upsert ``rows`` into the online store; an entity's stored newer row is kept."""
+        """Upsert ``rows`` into the online store; an entity's stored newer row is kept.
+
+        A view with a packed twin (``features.packed.PACKED``) gets its twin's rows too.
+        """
         if rows:
             self._backend.write(self._views[view_name], rows)
+            packed = PACKED.get(view_name)
+            if packed is not None:
+                self._backend.write(self._views[packed.name], [packed.pack(r) for r in rows])
 
     def offline_folder(self, view_name: str) -> Path:
         """The Parquet folder of the view: its push source's batch source, or its source."""
@@ -1017,6 +1038,10 @@ class OnlineFeatureReader:
         with self._lock:
             self._views.clear()
             self._plans.clear()
+
+    def join_key(self, view: str) -> str:
+        """The join key of ``view`` (e.g. ``item_id``)."""
+        return self._views[view].join_key
 
     def _plan(self, features: str | Sequence[str], full_names: bool) -> _ReadPlan:
         spec = features if isinstance(features, str) else tuple(features)

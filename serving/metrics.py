@@ -13,6 +13,8 @@ double-registering series; ``GET /metrics`` renders it.
 ``streamrec_api_errors_total{stage}``               dependency errors caught (no 5xx)
 ``streamrec_api_requests_total{endpoint,status}``   answers by endpoint and status class
 ``streamrec_api_candidates{source}``                candidates per request, by source
+``streamrec_api_item_features_total{source}``       candidates' item features served from the
+                                                    ``cache`` or read from the ``store``
 ``streamrec_api_impressions_total{outcome}``        impressions ``sent``, ``dropped`` (full
                                                     queue) or ``failed`` (Kafka refused)
 ``streamrec_api_model_reloads_total{kind,outcome}`` champion swaps: ``loaded``, ``refused``
@@ -89,6 +91,12 @@ class ServingMetrics:
             "Candidates per recommendation, by source (after de-duplication).",
             ["source"],
             buckets=_COUNT_BUCKETS,
+            registry=registry,
+        )
+        self.item_features = Counter(
+            "streamrec_api_item_features",
+            "Candidates' item features, from the near cache (cache) or the online store (store).",
+            ["source"],
             registry=registry,
         )
         self.impressions = Counter(

@@ -1,12 +1,15 @@
 """One recommendation, as a pipeline of plain steps the HTTP layer only calls.
 
-1. :func:`read_user` — the user's recent items and newest event time (one small online read);
+1. :func:`read_user` — the user views of the ``ranker_features`` service, recent items and
+   newest event time among them (one small online read, never cached);
 2. :func:`generate` — candidates from the catalog indexes, co-visitation, trending and new
    items (:mod:`serving.candidates`), minus purchased and (``exclude_seen``) recent items;
-3. :func:`read_features` — one batched ``OnlineFeatureReader.read`` of the
-   ``ranker_features`` service for user x candidates; the catalog views (``item_profile``,
+3. :func:`read_features` — one batched ``OnlineFeatureReader.read`` of the service's item
+   views for the candidates, through a near cache (:mod:`serving.feature_cache`: stream
+   views at most ``serving_item_features_max_age_ms`` old) and with ``item_realtime`` read
+   as its packed twin (:mod:`features.packed`); the catalog views (``item_profile``,
    ``item_embeddings``) come from the catalog snapshot that also backs the indexes
-   (``serving_catalog_features``), so the online read covers what moves every second;
+   (``serving_catalog_features``);
 4. :func:`score` — ranker and online model on one :class:`RankingBatch`, blended with
    ``serving_online_weight``;
 5. :func:`diversify` — at most ``ceil(k * serving_category_share)`` items per category;
@@ -41,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from features.packed import PACKED
 from features.store import RANKER_SERVICE
 from serving.candidates import (
     Candidate,
@@ -71,9 +75,6 @@ __all__ = ["Stopwatch", "UserState", "blend", "diversify", "generate", "read_fea
 
 log = logging.getLogger(__name__)
 
-USER_FEATURES = ("user_realtime:recent_items", "user_realtime:last_event_ts")
-
-
 class Stopwatch:
     """Durations of consecutive stages: :meth:`lap` closes the stage that just ran."""
 
@@ -96,10 +97,19 @@ class Stopwatch:
 
 @dataclass(frozen=True)
 class UserState:
-    """What the online store knows about the user right now."""
+    """What the online store knows about the user right now: every user feature of the
+    ranker's service (``<view>__<feature>``), read once per request."""
 
-    recent: tuple[str, ...] = ()
-    last_event_ts: float | None = None
+    features: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def recent(self) -> tuple[str, ...]:
+        return tuple(self.features.get("user_realtime__recent_items") or ())
+
+    @property
+    def last_event_ts(self) -> float | None:
+        last = self.features.get("user_realtime__last_event_ts")
+        return None if last is None else float(last)
 
     @property
     def known(self) -> bool:
@@ -107,11 +117,10 @@ class UserState:
 
 
 def read_user(rt: ServingRuntime, user_id: str) -> UserState:
-    """The user's recent items and newest event time; raises ``StoreUnavailable``."""
-    row = rt.store.read(list(USER_FEATURES), {"user_id": [user_id]})
-    recent = row["recent_items"][0]
-    last = row["last_event_ts"][0]
-    return UserState(tuple(recent or ()), None if last is None else float(last))
+    """The user's features in the ranker's service; raises ``StoreUnavailable``."""
+    refs = rt.store.service_features(RANKER_SERVICE, join_key="user_id")
+    row = rt.store.read(refs, {"user_id": [user_id]}, full_feature_names=True)
+    return UserState({name: values[0] for name, values in row.items() if "__" in name})
 
 
 def generate(
@@ -168,15 +177,28 @@ def requested(
     return out
 
 
-def read_features(rt: ServingRuntime, user_id: str, ids: Sequence[str]) -> dict[str, list[Any]]:
-    """The ``ranker_features`` of ``user_id`` x ``ids``: one batched online read, with the
-    catalog views from the catalog snapshot when ``serving_catalog_features`` is on."""
-    entities = {"user_id": [user_id] * len(ids), "item_id": list(ids)}
-    if not rt.settings.serving_catalog_features:
-        return rt.store.read(RANKER_SERVICE, entities, full_feature_names=True)
-    refs = rt.store.service_features(RANKER_SERVICE, without=CATALOG_VIEWS)
-    features = rt.store.read(refs, entities, full_feature_names=True)
-    features.update(rt.catalog.catalog.item_features(ids))
+def read_features(rt: ServingRuntime, user: UserState, ids: Sequence[str]) -> dict[str, list[Any]]:
+    """The ``ranker_features`` of the user x ``ids``.
+
+    The user's come from :func:`read_user`; the candidates' item views from one batched
+    online read through the near cache, stream views as their packed twins
+    (``features.packed``: one stored vector per candidate instead of one value per
+    feature); the catalog views from the catalog snapshot when ``serving_catalog_features``
+    is on.
+    """
+    n = len(ids)
+    features = {name: [value] * n for name, value in user.features.items()}
+    catalog = rt.settings.serving_catalog_features
+    without = (*CATALOG_VIEWS, *PACKED) if catalog else tuple(PACKED)
+    refs = rt.store.service_features(RANKER_SERVICE, without=without, join_key="item_id")
+    vectors = {f"{p.name}__{p.feature}": p for p in PACKED.values()}
+    columns = rt.store.read_cached([*refs, *(c.replace("__", ":", 1) for c in vectors)],
+                                   "item_id", ids)
+    for column, packed in vectors.items():
+        features.update(packed.unpack(columns.pop(column)))
+    features.update(columns)
+    if catalog:
+        features.update(rt.catalog.catalog.item_features(ids))
     return features
 
 
@@ -312,7 +334,7 @@ def recommend(
     features = None
     if store_up and ids:
         try:
-            features = read_features(rt, user_id, ids)
+            features = read_features(rt, user, ids)
         except StoreUnavailable:
             store_up = False
             fallbacks.append("feature_store")

@@ -35,6 +35,7 @@ from typing import Any
 
 from features.store import OnlineFeatureReader
 from serving.catalog import CatalogRefresher
+from serving.feature_cache import NearCache
 from serving.feed import EventFeed
 from serving.impressions import ImpressionLog
 from serving.metrics import ServingMetrics
@@ -63,13 +64,15 @@ class FeatureAccess:
     API starts before the feature repository is applied.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: ServingMetrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.retry_s = settings.serving_store_retry_s
         self._reader: OnlineFeatureReader | None = None
         self._lock = threading.Lock()
         self._open_until = 0.0
-        self._services: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+        self._services: dict[tuple[str, tuple[str, ...], str | None], list[str]] = {}
+        self._caches: dict[tuple[str, ...], list[tuple[list[str], NearCache]]] = {}
         self.last_error: str | None = None
 
     def available(self) -> bool:
@@ -103,23 +106,70 @@ class FeatureAccess:
         self.last_error = None
         return rows
 
-    def service_features(self, service: str, *, without: Sequence[str] = ()) -> list[str]:
+    def service_features(
+        self, service: str, *, without: Sequence[str] = (), join_key: str | None = None
+    ) -> list[str]:
         """``view:feature`` references of a feature service minus the views ``without``
-        (resolved from the registry once); raises :class:`StoreUnavailable`."""
-        key = (service, tuple(without))
+        and, given ``join_key``, of its views with that key only (resolved from the
+        registry once); raises :class:`StoreUnavailable`."""
+        key = (service, tuple(without), join_key)
         refs = self._services.get(key)
         if refs is None:
             try:
-                projections = self.reader().store.get_feature_service(
+                reader = self.reader()
+                projections = reader.store.get_feature_service(
                     service, allow_cache=True).feature_view_projections
+                refs = [
+                    f"{p.name}:{f.name}" for p in projections if p.name not in without
+                    and (join_key is None or reader.join_key(p.name) == join_key)
+                    for f in p.features
+                ]
             except Exception as exc:  # no registry yet, or no such service
                 self.trip(exc)
                 raise StoreUnavailable(str(exc)) from exc
-            refs = self._services[key] = [
-                f"{p.name}:{f.name}" for p in projections if p.name not in without
-                for f in p.features
-            ]
+            self._services[key] = refs
         return refs
+
+    def read_cached(self, features: Sequence[str], join_key: str,
+                    keys: Sequence[Any]) -> dict[str, list[Any]]:
+        """``read(features, {join_key: keys}, full_feature_names=True)`` (feature columns
+        only) through near caches: values of stream-fed views are reused for
+        ``serving_item_features_max_age_ms``, of batch-computed views (which change when a
+        Spark job materializes) for ``serving_batch_features_max_age_s``."""
+        caches = self._caches.get(tuple(features))
+        if caches is None:
+            caches = self._caches[tuple(features)] = self._near_caches(features)
+        columns: dict[str, list[Any]] = {}
+        read = 0
+        for refs, cache in caches:
+            misses = cache.misses
+            columns.update(cache.read(keys, lambda missing, refs=refs: self.read(
+                refs, {join_key: missing}, full_feature_names=True)))
+            read = max(read, cache.misses - misses)
+        if self.metrics is not None:
+            self.metrics.item_features.labels(source="store").inc(read)
+            self.metrics.item_features.labels(source="cache").inc(len(keys) - read)
+        return columns
+
+    def _near_caches(self, features: Sequence[str]) -> list[tuple[list[str], NearCache]]:
+        """One cache for the stream-fed views among ``features``, one for the others."""
+        stream: list[str] = []
+        batch: list[str] = []
+        try:
+            store = self.reader().store
+            for ref in features:
+                view = store.get_feature_view(ref.partition(":")[0], allow_registry_cache=True)
+                (stream if view.stream_source is not None else batch).append(ref)
+        except Exception as exc:  # no registry yet
+            self.trip(exc)
+            raise StoreUnavailable(str(exc)) from exc
+        settings = self.settings
+        return [
+            (refs, NearCache([ref.replace(":", "__", 1) for ref in refs], max_age_s=age))
+            for refs, age in ((stream, settings.serving_item_features_max_age_ms / 1000),
+                              (batch, settings.serving_batch_features_max_age_s))
+            if refs
+        ]
 
     def trip(self, exc: Exception) -> None:
         """Open the breaker for ``retry_s`` after ``exc``."""
@@ -247,7 +297,7 @@ class ServingRuntime:
     def __init__(self, settings: Settings, metrics: ServingMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.store = FeatureAccess(settings)
+        self.store = FeatureAccess(settings, metrics)
         self.neighbors = NeighborAccess(settings)
         self.catalog = CatalogRefresher(settings, metrics)
         self.trending = TrendingCounts(settings.serving_trending_half_life_s)

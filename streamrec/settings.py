@@ -251,6 +251,20 @@ class Settings(BaseSettings):
         "is answered at once from trending and new items, flagged degraded (`overload`), "
         "so latency stays bounded instead of every answer timing out.",
     )
+    serving_item_features_max_age_ms: float = Field(
+        250.0,
+        ge=0,
+        description="Stream-fed item features (item_realtime) read from the online store are "
+        "reused for this long by later requests of the same API process (a near cache); 0 "
+        "reads every candidate every time. Served item features are at most this much older "
+        "than the store's; user features are always read fresh.",
+    )
+    serving_batch_features_max_age_s: float = Field(
+        60.0,
+        ge=0,
+        description="The same near cache for batch-computed item features (item_stats), which "
+        "change only when a Spark job materializes them.",
+    )
     serving_catalog_features: bool = Field(
         True,
         description="Take the candidates' item_profile and item_embeddings features from the "

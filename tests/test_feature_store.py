@@ -152,6 +152,7 @@ def test_apply_registers_the_repo_once(tmp_path: Path, capsys: pytest.CaptureFix
     assert set(views) == {
         "user_realtime",
         "item_realtime",
+        "item_realtime_vector",
         "user_stats",
         "item_stats",
         "item_profile",
@@ -164,9 +165,11 @@ def test_apply_registers_the_repo_once(tmp_path: Path, capsys: pytest.CaptureFix
     embeddings = {f.name: f.vector_length for f in views["item_embeddings"].features}
     assert embeddings == {"graph_vector": 64, "text_vector": 384}
     service = store.get_feature_service(RANKER_SERVICE)
-    # Serving reads item_neighbors for candidates; the ranker does not score with it.
-    assert {p.name for p in service.feature_view_projections} == set(views) - {"item_neighbors"}
-    for name in views:  # every source folder exists, ready for part files
+    # Serving reads item_neighbors for candidates; the ranker does not score with it. The
+    # packed twin of item_realtime is how serving reads that view, not another input.
+    inputs = set(views) - {"item_neighbors", "item_realtime_vector"}
+    assert {p.name for p in service.feature_view_projections} == inputs
+    for name in views.keys() - {"item_realtime_vector"}:  # source folders, ready for parts
         assert (tmp_path / "offline" / name).is_dir()
     with sqlite3.connect(tmp_path / "feast" / "online.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

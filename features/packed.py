@@ -1,0 +1,100 @@
+"""A stream view's numeric features packed into one stored vector, for reads of many entities.
+
+Feast's online stores keep one value per (entity, feature): a recommendation that reads
+``item_realtime``'s 13 features for 200 candidates reads 2,600 stored values, ~1.3 µs each
+in SQLite before any decoding. The writer therefore also stores each ``item_realtime`` row as
+``item_realtime_vector``: the same features, in the view's order, as one ``Array(Float64)``
+``values`` — a pre-computed feature vector, declared in the Feast repository like any view
+and written by every write of the row it packs. Serving reads the vector
+(one value per candidate) and unpacks it into the columns the view itself would give;
+training and everything offline keep reading ``item_realtime``. A test holds the two reads
+equal.
+
+Examples
+--------
+>>> from datetime import UTC, datetime
+>>> row = {"item_id": "i1", "event_timestamp": datetime(2026, 1, 1, tzinfo=UTC),
+...        **{name: 0 for name in ITEM_VECTOR.source.names}, "clicks_1h": 3, "ctr_1h": 0.25}
+>>> packed = ITEM_VECTOR.pack(row)
+>>> ITEM_VECTOR.name, packed["item_id"], len(packed["values"])
+('item_realtime_vector', 'i1', 13)
+>>> columns = ITEM_VECTOR.unpack([packed["values"], None])
+>>> columns["item_realtime__clicks_1h"], columns["item_realtime__ctr_1h"]
+([3, None], [0.25, None])
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from features.definitions import ITEM_VIEW, TIMESTAMP_FIELD, Kind, RealtimeView
+
+__all__ = ["ITEM_VECTOR", "PACKED", "PackedView"]
+
+
+@dataclass(frozen=True)
+class PackedView:
+    """The packed twin of a real-time view whose features are all numbers.
+
+    Parameters
+    ----------
+    source
+        The view whose features are packed, in its order.
+    feature
+        Name of the vector feature.
+    """
+
+    source: RealtimeView
+    feature: str = "values"
+
+    def __post_init__(self) -> None:
+        kinds = set(self.source.kinds().values())
+        if not kinds <= {Kind.INT, Kind.FLOAT}:
+            raise ValueError(f"{self.source.name}: only numeric features pack into a vector")
+
+    @property
+    def name(self) -> str:
+        return f"{self.source.name}_vector"
+
+    def pack(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """The packed row of a ``source`` row (same key and timestamp); ``None`` → NaN."""
+        values = np.array([row[name] for name in self.source.names], dtype=np.float64)
+        return {self.source.join_key: row[self.source.join_key],
+                TIMESTAMP_FIELD: row[TIMESTAMP_FIELD], self.feature: values}
+
+    def unpack(self, vectors: Sequence[np.ndarray | None]) -> dict[str, list[Any]]:
+        """The ``<source>__<feature>`` columns that reading ``source`` with full feature
+        names gives: ints for counts, floats, ``None`` where an entity has no row."""
+        width = len(self.source.features)
+        gap = np.full(width, np.nan)
+        matrix = np.array([v if v is not None and len(v) == width else gap for v in vectors],
+                          dtype=np.float64).reshape(len(vectors), width)
+        gaps = np.isnan(matrix)
+        ints = self._int_columns
+        # Two conversions to Python lists for the whole matrix, not one per feature.
+        columns = np.where(gaps, 0, matrix).T
+        as_int = columns[ints].astype(np.int64).tolist()
+        as_float = columns.tolist()
+        out: dict[str, list[Any]] = {}
+        for j, feature in enumerate(self.source.features):
+            values = as_int[ints.index(j)] if j in ints else as_float[j]
+            for i in np.flatnonzero(gaps[:, j]).tolist():
+                values[i] = None
+            out[f"{self.source.name}__{feature.name}"] = values
+        return out
+
+    @functools.cached_property
+    def _int_columns(self) -> list[int]:
+        return [j for j, f in enumerate(self.source.features) if f.kind is Kind.INT]
+
+
+ITEM_VECTOR = PackedView(ITEM_VIEW)
+"""``item_realtime`` packed: what serving reads for its candidates."""
+
+PACKED: dict[str, PackedView] = {ITEM_VIEW.name: ITEM_VECTOR}
+"""Packed twin of each real-time view that has one, by the view's name."""
