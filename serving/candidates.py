@@ -1,6 +1,6 @@
 """Candidate generation: a few hundred plausible items for one request, each with a reason.
 
-Four sources, each a plain function returning :class:`Candidate` lists best first:
+Four sources, each a plain function returning a sequence of :class:`Candidate` best first:
 
 * :func:`similar_to_recent` — nearest neighbours of the user's recent items in graph space
   (text space for items without a graph vector): "similar to <title> you viewed";
@@ -16,6 +16,11 @@ others — drops duplicates (the first reason wins) and excluded items, and stop
 limit. Every candidate carries a ``prior`` in [0, 1] from its source, the score of the
 fallback ranking when no model is available.
 
+The sources run on every request, so they are cheap: neighbours come from the catalog's
+per-seed memo (:meth:`Catalog.near <serving.catalog.Catalog.near>`) as arrays, duplicates
+are resolved in numpy, a source's candidates are built only as :func:`merge` reaches them
+(:class:`Ranked`), and trending candidates are built once per refresh of the counts.
+
 Examples
 --------
 >>> a = [Candidate("i1", 0.9, "similar", "similar to X you viewed"),
@@ -28,17 +33,19 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from itertools import zip_longest
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from functools import partial
+from itertools import chain, cycle, islice, repeat, zip_longest
+from typing import NamedTuple, overload
 
 import numpy as np
 
 from serving.catalog import Catalog
-from serving.trending import ALL, Scope, TrendingCounts, scope_label, scopes_of
+from serving.trending import ALL, Scope, Top, TrendingCounts, scope_label, scopes_of
 
 __all__ = [
     "Candidate",
+    "Ranked",
     "co_visited",
     "context_scope",
     "fresh",
@@ -50,9 +57,11 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """One proposed item: where it came from, why, and the source's own score."""
+class Candidate(NamedTuple):
+    """One proposed item: where it came from, why, and the source's own score.
+
+    A named tuple: a request builds hundreds and a tuple is the cheapest immutable record.
+    """
 
     item_id: str
     prior: float
@@ -73,25 +82,80 @@ def _name(catalog: Catalog, item_id: str) -> str:
     return catalog.title(item_id) or item_id
 
 
+class Ranked(Sequence[Candidate]):
+    """One source's candidates, best first, held as columns and made into
+    :class:`Candidate` records only when read: :func:`merge` reads the first few dozen of
+    each source, so most of a source's tail is never built.
+
+    >>> ranked = Ranked(["i1", "i2"], [0.9, 0.5], ["r1", "r2"], "similar")
+    >>> len(ranked), ranked[1]
+    (2, Candidate(item_id='i2', prior=0.5, source='similar', reason='r2'))
+    """
+
+    __slots__ = ("item_ids", "priors", "reasons", "source")
+
+    def __init__(
+        self, item_ids: list[str], priors: list[float], reasons: list[str], source: str
+    ) -> None:
+        self.item_ids, self.priors, self.reasons, self.source = item_ids, priors, reasons, source
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    @overload
+    def __getitem__(self, index: int) -> Candidate: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Candidate]: ...
+
+    def __getitem__(self, index: int | slice) -> Candidate | list[Candidate]:
+        if isinstance(index, slice):
+            return list(map(Candidate, self.item_ids[index], self.priors[index],
+                            repeat(self.source), self.reasons[index]))
+        return Candidate(self.item_ids[index], self.priors[index], self.source,
+                         self.reasons[index])
+
+    def __iter__(self) -> Iterator[Candidate]:
+        return map(Candidate, self.item_ids, self.priors, repeat(self.source), self.reasons)
+
+    def __repr__(self) -> str:
+        return f"Ranked({list(self)!r})"
+
+
+def _best_first(
+    items: Sequence[Hashable], priors: np.ndarray, reasons: Sequence[str], source: str
+) -> Ranked:
+    """One candidate per item, best first: the item's highest prior with the reason of its
+    first entry that has it; ties in order of the items' first entries."""
+    unique = list(dict.fromkeys(items))
+    codes = dict(zip(unique, range(len(unique)), strict=True))
+    code = np.fromiter(map(codes.__getitem__, items), dtype=np.int64, count=len(priors))
+    by_prior = np.argsort(-priors, kind="stable")
+    _, first = np.unique(code[by_prior], return_index=True)
+    winners = by_prior[first]  # by code, and codes number the items in order of entry
+    order = np.argsort(-priors[winners], kind="stable")
+    chosen = winners[order].tolist()
+    return Ranked([unique[i] for i in order.tolist()], priors[chosen].tolist(),
+                  [reasons[i] for i in chosen], source)
+
+
 def similar_to_recent(
     catalog: Catalog, recent: Sequence[str], *, seeds: int, per_seed: int
-) -> list[Candidate]:
+) -> Sequence[Candidate]:
     """Nearest neighbours of the ``seeds`` newest recent items, best (similarity x recency)
     first."""
     chosen = list(recent[:seeds])
-    if not chosen:
+    found = catalog.near(chosen, per_seed) if chosen else []
+    if not found:
         return []
     position = {item: i for i, item in enumerate(chosen)}
-    best: dict[str, Candidate] = {}
-    for seed, hits, _space in catalog.neighbours(chosen, per_seed):
-        weight = recency_weight(position[seed])
-        reason = f"similar to {_name(catalog, seed)} you viewed"
-        for item, similarity in hits:
-            prior = max(similarity, 0.0) * weight
-            seen = best.get(item)
-            if seen is None or prior > seen.prior:
-                best[item] = Candidate(item, prior, "similar", reason)
-    return sorted(best.values(), key=lambda c: -c.prior)
+    items = list(chain.from_iterable(near.items for _, near in found))
+    priors = np.concatenate([np.maximum(near.sims, 0.0) * recency_weight(position[seed])
+                             for seed, near in found])
+    reasons = list(chain.from_iterable(
+        repeat(f"similar to {_name(catalog, seed)} you viewed", len(near.items))
+        for seed, near in found))
+    return _best_first(items, priors, reasons, "similar")
 
 
 def co_visited(
@@ -101,27 +165,26 @@ def co_visited(
     weights: Sequence[Sequence[float] | np.ndarray | None],
     *,
     per_seed: int,
-) -> list[Candidate]:
+) -> Sequence[Candidate]:
     """The best ``per_seed`` co-visitation neighbours of each recent item (``item_neighbors``
     rows in ``recent`` order), weight relative to the seed's best neighbour x recency."""
-    best: dict[str, Candidate] = {}
-    for position, (seed, items, scores) in enumerate(
+    items: list[str] = []
+    priors: list[np.ndarray] = []
+    reasons: list[str] = []
+    for position, (seed, row, scores) in enumerate(
         zip(recent, neighbors, weights, strict=True)
     ):
-        if not items:
+        if not row:
             continue
-        items = items[:per_seed]
-        values = [1.0] * len(items) if scores is None else [float(s) for s in
-                                                             scores[: len(items)]]
-        top = max(values, default=0.0) or 1.0
-        weight = recency_weight(position)
-        reason = f"often viewed with {_name(catalog, seed)}"
-        for item, score in zip(items, values, strict=False):
-            prior = max(score, 0.0) / top * weight
-            seen = best.get(item)
-            if seen is None or prior > seen.prior:
-                best[item] = Candidate(item, prior, "co_visited", reason)
-    return sorted(best.values(), key=lambda c: -c.prior)
+        values = (np.ones(min(len(row), per_seed)) if scores is None
+                  else np.asarray(scores[: min(len(row), per_seed)], dtype=np.float64))
+        top = (values.max() if len(values) else 0.0) or 1.0
+        items += row[: len(values)]
+        priors.append(np.maximum(values, 0.0) / top * recency_weight(position))
+        reasons += repeat(f"often viewed with {_name(catalog, seed)}", len(values))
+    if not items:
+        return []
+    return _best_first(items, np.concatenate(priors), reasons, "co_visited")
 
 
 def context_scope(counts: TrendingCounts, device: str | None, country: str | None) -> Scope:
@@ -131,13 +194,17 @@ def context_scope(counts: TrendingCounts, device: str | None, country: str | Non
 
 def trending(counts: TrendingCounts, scope: Scope, *, n: int) -> list[Candidate]:
     """The top ``n`` items of ``scope``, prior relative to the scope's best."""
-    top = counts.top(scope)[:n]
+    return list(counts.derived(scope, ("candidates", n), partial(_trending, scope, n)))
+
+
+def _trending(scope: Scope, n: int, top: Top) -> tuple[Candidate, ...]:
+    top = top[:n]
     if not top:
-        return []
+        return ()
     best = top[0][1] or 1.0
     reason = f"trending {scope_label(scope)}"
     source = "trending" if scope == ALL else "trending_context"
-    return [Candidate(item, value / best, source, reason) for item, value in top]
+    return tuple(Candidate(item, value / best, source, reason) for item, value in top)
 
 
 def fresh(catalog: Catalog, categories: Sequence[str]) -> list[Candidate]:
@@ -158,13 +225,17 @@ def merge(
 ) -> list[Candidate]:
     """Round-robin over ``sources``: unique items, none of ``exclude``, at most ``limit``."""
     taken: dict[str, Candidate] = {}
-    for row in zip_longest(*sources):
-        for candidate in row:
-            if candidate is None or candidate.item_id in taken:
+    # The itertools documentation's ``roundrobin``, inlined: the first of each source, then
+    # the second of each, ...; a source that runs out ends the cycle, which restarts
+    # without it.
+    iterators: Iterator[Iterator[Candidate]] = map(iter, sources)
+    for active in range(len(sources), 0, -1):
+        iterators = cycle(islice(iterators, active))
+        for candidate in map(next, iterators):
+            item = candidate.item_id
+            if item in taken or item in exclude:
                 continue
-            if candidate.item_id in exclude:
-                continue
-            taken[candidate.item_id] = candidate
+            taken[item] = candidate
             if len(taken) >= limit:
                 return list(taken.values())
     return list(taken.values())

@@ -14,9 +14,11 @@ Two :class:`VectorSpace` indexes (``usearch`` HNSW, cosine) answer "items near t
 * ``text``: the MiniLM title vectors, searched for a seed item that has no graph vector.
 
 Each item has a stable integer key (its position in :attr:`Catalog.ids`), so an update
-replaces the item's vector in place. Updates are applied in small chunks under each index's
-lock, so a request never waits long behind a refresh; a part that disappeared (compaction,
-a job that rewrote the folder) triggers a full rebuild off to the side and one swap.
+replaces the item's vector in place. A seed's neighbours are searched once and kept until
+either index changes (:meth:`Catalog.near`): popular items seed many requests. Updates
+are applied in small chunks under each index's lock, so a request never waits long behind
+a refresh; a part that disappeared (compaction, a job that rewrote the folder) triggers a
+full rebuild off to the side and one swap.
 
 Examples
 --------
@@ -56,7 +58,7 @@ from usearch.index import Index, Matches
 from serving.metrics import ServingMetrics
 from streamrec.settings import Settings
 
-__all__ = ["CATALOG_VIEWS", "Catalog", "CatalogRefresher", "ItemProfile", "VectorSpace"]
+__all__ = ["CATALOG_VIEWS", "Catalog", "CatalogRefresher", "ItemProfile", "Near", "VectorSpace"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,9 @@ loads the repo folder by path)."""
 
 _CHUNK = 64
 """Vectors added per lock hold: about a millisecond of HNSW inserts."""
+
+_NEAR_CACHE_MAX = 100_000
+"""Searches :meth:`Catalog.near` keeps (about 1.5 KB each); beyond, it starts over."""
 
 
 PROFILE_FIELDS = ("category", "title", "price", "created_at_s")
@@ -82,6 +87,18 @@ class ItemProfile:
     title: str | None
     price: float | None
     created_at_s: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Near:
+    """One seed's nearest items: their numbers, cosine similarities and ids, nearest
+    first."""
+
+    space: str
+    keys: np.ndarray
+    sims: np.ndarray
+    items: tuple[str, ...]
+    """The ids of ``keys``."""
 
 
 class VectorSpace:
@@ -111,6 +128,8 @@ class VectorSpace:
         # Row views handed out by :meth:`vectors`, made on first use; replaced together with
         # the matrix, so a view always belongs to the matrix it is stored beside.
         self._views: tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]] = (*self._rows, {})
+        self.version = 0
+        """Bumped after every :meth:`upsert`: search results of an older version may differ."""
 
     def __len__(self) -> int:
         return len(self._index)
@@ -146,6 +165,8 @@ class VectorSpace:
                 if len(known):
                     self._index.remove(known)
                 self._index.add(chunk, vectors[start : start + _CHUNK], threads=1)
+        # After the whole change: a result cached while it was under way is never reused.
+        self.version += 1
 
     def rows(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The vectors of ``keys`` and whether each has one (``-1``: an unknown item)."""
@@ -169,25 +190,21 @@ class VectorSpace:
             out.append(view)
         return out
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
-        """For each query, up to ``k`` ``(key, cosine similarity)`` pairs, nearest first."""
+    def search(self, queries: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each query, up to ``k`` keys (int64) and their cosine similarities (float64),
+        nearest first."""
         if not len(queries):
             return []
         with self._lock:
             if not len(self._index):
-                return [[] for _ in queries]
+                empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
+                return [empty for _ in queries]
             found = self._index.search(queries, k, threads=1)
         if isinstance(found, Matches):  # usearch unwraps a batch of one
-            return [[(int(key), 1.0 - float(dist))
-                     for key, dist in zip(found.keys, found.distances, strict=True)]]
-        return [
-            [
-                (int(key), 1.0 - float(dist))
-                for key, dist in zip(keys[:count], dists[:count], strict=True)
-            ]
-            for keys, dists, count in zip(found.keys, found.distances, found.counts,
-                                          strict=True)
-        ]
+            return [(found.keys.astype(np.int64), 1.0 - found.distances.astype(np.float64))]
+        keys = found.keys.astype(np.int64)
+        sims = 1.0 - found.distances.astype(np.float64)
+        return [(keys[i, :count], sims[i, :count]) for i, count in enumerate(found.counts)]
 
 
 class Catalog:
@@ -213,6 +230,9 @@ class Catalog:
         self._profile_ts: dict[str, int] = {}
         self._vector_ts: dict[str, int] = {}
         self._fresh: Mapping[str, tuple[str, ...]] = {}
+        # Neighbours by (seed number, k), for the index versions they were searched in:
+        # popular items are the seeds of many requests, and a search costs ~0.1 ms a seed.
+        self._near: tuple[tuple[int, int], dict[tuple[int, int], Near]] = ((-1, -1), {})
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -326,21 +346,42 @@ class Catalog:
         A seed is searched in graph space when it has a graph vector, else in text space;
         the seed itself is left out of its own neighbours.
         """
-        known = [(seed, self.number[seed]) for seed in seeds if seed in self.number]
-        out: list[tuple[str, list[tuple[str, float]], str]] = []
+        return [(seed, list(zip(near.items, near.sims.tolist(), strict=True)), near.space)
+                for seed, near in self.near(seeds, k)]
+
+    def near(self, seeds: Sequence[str], k: int) -> list[tuple[str, Near]]:
+        """:meth:`neighbours` as arrays of item numbers (see :attr:`ids`): graph-space seeds
+        first, then text-space ones, each in ``seeds`` order.
+
+        Results are kept until either index changes, so a seed is searched once per
+        catalog version; the arrays are shared and read-only.
+        """
+        versions = (self.graph.version, self.text.version)
+        state = self._near
+        if state[0] != versions or len(state[1]) > _NEAR_CACHE_MAX:
+            state = self._near = (versions, {})
+        cache = state[1]
+        number = self.number
+        keyed = [(seed, number[seed]) for seed in seeds if seed in number]
+        missing = [pair for pair in keyed if (pair[1], k) not in cache]
         ids = self.ids
         for name, space in (("graph", self.graph), ("text", self.text)):
-            if not known:
+            if not missing:
                 break
-            vectors, has = space.rows(np.array([key for _, key in known], dtype=np.int64))
+            vectors, has = space.rows(np.array([key for _, key in missing], dtype=np.int64))
             if has.any():
-                found = [seed for (seed, _), ok in zip(known, has, strict=True) if ok]
-                results = space.search(vectors[has], k + 1)
-                for seed, hits in zip(found, results, strict=True):
-                    out.append((seed, [(ids[key], sim) for key, sim in hits
-                                       if ids[key] != seed][:k], name))
-            known = [pair for pair, ok in zip(known, has, strict=True) if not ok]
-        return out
+                found = [pair for pair, ok in zip(missing, has, strict=True) if ok]
+                for (_, key), (keys, sims) in zip(found, space.search(vectors[has], k + 1),
+                                                     strict=True):
+                    others = keys != key
+                    keys, sims = keys[others][:k], sims[others][:k]
+                    keys.flags.writeable = sims.flags.writeable = False
+                    cache[key, k] = Near(name, keys, sims,
+                                         tuple(ids[n] for n in keys.tolist()))
+            missing = [pair for pair, ok in zip(missing, has, strict=True) if not ok]
+        chosen = [(seed, cache.get((key, k))) for seed, key in keyed]
+        return [(seed, near) for space in ("graph", "text") for seed, near in chosen
+                if near is not None and near.space == space]
 
     def item_features(self, item_ids: Sequence[str]) -> dict[str, list[Any]]:
         """The ``item_profile`` and ``item_embeddings`` columns of ``item_ids``, named like

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 _TOP_N = 500
 """Items kept per scope's top list: candidates need tens, the fallback a few hundred."""
 
+_FETCH_MIN_BYTES = 1 << 20
+"""Enough records (~3,000 events) that a busy topic is read in a few fetches a second."""
+
 
 def apply_record(raw: bytes, trending: TrendingCounts, purchases: RecentPurchases) -> bool:
     """Count one ``events`` record; ``False`` (and nothing counted) if it does not parse."""
@@ -87,6 +90,11 @@ class EventFeed:
         Counts the events read.
     refresh_s
         Top lists are recomputed at most this often.
+    fetch_wait_ms
+        The broker holds a fetch until it has a batch's worth of records or this long has
+        passed. A fetch costs the client about as much as decoding a hundred records, so
+        at a thousand events a second answering each fetch at once (Kafka's default) cost
+        ~7x the CPU of the batched reads; counts are still at most this much later.
     """
 
     def __init__(
@@ -97,12 +105,14 @@ class EventFeed:
         metrics: ServingMetrics,
         *,
         refresh_s: float = 0.5,
+        fetch_wait_ms: int = 200,
     ) -> None:
         self.settings = settings
         self.trending = trending
         self.purchases = purchases
         self.metrics = metrics
         self.refresh_s = refresh_s
+        self.fetch_wait_ms = fetch_wait_ms
         self.events = 0
         self._stop = threading.Event()
         self._live = threading.Event()
@@ -156,6 +166,8 @@ class EventFeed:
             enable_auto_commit=False,
             client_id="streamrec-api-trending",
             max_poll_records=5000,
+            fetch_min_bytes=_FETCH_MIN_BYTES,
+            fetch_max_wait_ms=self.fetch_wait_ms,
             request_timeout_ms=20_000,
             # Fail fast and let the loop retry: a stop request is noticed between attempts.
             bootstrap_timeout_ms=2_000,

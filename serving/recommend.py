@@ -139,7 +139,7 @@ def generate(
     if request.candidates is not None:
         return requested(rt, request.candidates[:limit], device, country, exclude)
     recent = user.recent
-    sources: list[list[Candidate]] = []
+    sources: list[Sequence[Candidate]] = []
     if recent:
         sources.append(similar_to_recent(catalog, recent, seeds=settings.serving_ann_seeds,
                                          per_seed=settings.serving_ann_neighbors))

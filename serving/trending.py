@@ -35,24 +35,33 @@ Examples
 
 from __future__ import annotations
 
-import heapq
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping
+from functools import lru_cache
+from typing import NamedTuple, TypeVar, cast
+
+import numpy as np
 
 __all__ = ["ALL", "RecentPurchases", "Scope", "TrendingCounts", "scope_label"]
 
 
-@dataclass(frozen=True, slots=True)
-class Scope:
-    """A slice of traffic: a device, a country, both, or neither (:data:`ALL`)."""
+class Scope(NamedTuple):
+    """A slice of traffic: a device, a country, both, or neither (:data:`ALL`).
+
+    A named tuple: every event looks up its four scopes, and a tuple hashes in C.
+    """
 
     device: str | None = None
     country: str | None = None
 
 
 ALL = Scope()
+
+Top = tuple[tuple[str, float], ...]
+"""A scope's top list: ``(item_id, decayed count)``, best first."""
+
+T = TypeVar("T")
 
 
 def scope_label(scope: Scope) -> str:
@@ -69,7 +78,8 @@ def scope_label(scope: Scope) -> str:
     return " ".join(parts) or "now"
 
 
-def scopes_of(device: str | None, country: str | None) -> list[Scope]:
+@lru_cache(maxsize=4096)
+def scopes_of(device: str | None, country: str | None) -> tuple[Scope, ...]:
     """The scopes an event (or a request) belongs to, most specific first."""
     scopes = []
     if device and country:
@@ -79,7 +89,7 @@ def scopes_of(device: str | None, country: str | None) -> list[Scope]:
     if device:
         scopes.append(Scope(device, None))
     scopes.append(ALL)
-    return scopes
+    return tuple(scopes)
 
 
 # Beyond 2**_REBASE_EXP the weights are rescaled: far below float64's 2**1023.
@@ -107,7 +117,9 @@ class TrendingCounts:
         self._t0: float | None = None
         self._counts: dict[Scope, dict[str, float]] = {}
         self._dirty: set[Scope] = set()
-        self._tops: Mapping[Scope, tuple[tuple[str, float], ...]] = {}
+        self._tops: Mapping[Scope, Top] = {}
+        # Safe from any thread: one dict assignment per entry; a stale entry is rebuilt.
+        self._derived: dict[tuple[Scope, Hashable], tuple[Top, object]] = {}
         self._newest_s = 0.0
 
     def add(
@@ -156,18 +168,50 @@ class TrendingCounts:
         tops = dict(self._tops)
         for scope in self._dirty:
             counts = self._counts.get(scope, {})
-            best = heapq.nlargest(n, counts.items(), key=lambda kv: kv[1])
-            tops[scope] = tuple((item, value * scale) for item, value in best)
+            items = list(counts)
+            values = np.fromiter(counts.values(), dtype=np.float64, count=len(items))
+            best = _largest(values, n)
+            tops[scope] = tuple(zip([items[i] for i in best.tolist()],
+                                    (values[best] * scale).tolist(), strict=True))
         self._dirty = set()
         self._tops = tops
 
-    def top(self, scope: Scope) -> tuple[tuple[str, float], ...]:
+    def top(self, scope: Scope) -> Top:
         """``(item_id, decayed count)`` of the scope, best first, as of the last refresh."""
         return self._tops.get(scope, ())
+
+    def derived(self, scope: Scope, key: Hashable, build: Callable[[Top], T]) -> T:
+        """``build(self.top(scope))``, memoised under ``key`` until the scope's top list
+        changes: what requests make of a top list is made once per refresh, not per request.
+        """
+        top = self.top(scope)
+        held = self._derived.get((scope, key))
+        if held is not None and held[0] is top:
+            return cast(T, held[1])
+        value = build(top)
+        self._derived[(scope, key)] = (top, value)
+        return value
 
     def scopes(self) -> list[Scope]:
         """Scopes with a top list."""
         return list(self._tops)
+
+
+def _largest(values: np.ndarray, n: int) -> np.ndarray:
+    """Positions of the ``n`` largest ``values``, largest first, ties in position order
+    (what ``heapq.nlargest`` gives, in numpy: a refresh ranks thousands of items).
+
+    >>> _largest(np.array([1.0, 3.0, 2.0, 3.0]), 3).tolist()
+    [1, 3, 2]
+    """
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if len(values) > n:
+        nth = np.partition(values, len(values) - n)[len(values) - n]
+        chosen = np.flatnonzero(values >= nth)
+    else:
+        chosen = np.arange(len(values))
+    return chosen[np.argsort(-values[chosen], kind="stable")][:n]
 
 
 class RecentPurchases:
