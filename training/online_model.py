@@ -61,6 +61,7 @@ Examples
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -168,7 +169,7 @@ class OnlineModel:
         self.learn_seconds = 0.0
         self.drift_detected = False
         self._reset_progress()
-        self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._arrays: tuple[np.ndarray, dict[str, float], float] | None = None
 
     def _reset_progress(self) -> None:
         self._auc = metrics.RollingROCAUC(window_size=self.config.window)
@@ -203,8 +204,10 @@ class OnlineModel:
 
     # --- scoring --------------------------------------------------------------------------
 
-    def _state_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Scaler means, 1/std (0 where the variance is 0) and dense weights, as arrays."""
+    def _state_arrays(self) -> tuple[np.ndarray, dict[str, float], float]:
+        """The dense weights folded with the scaler, once per model state: per numeric
+        feature ``w / std`` (0 where the variance is 0), per device value its one-hot's
+        weight, and the constant ``-sum(w * mean / std)`` (with the intercept)."""
         if self._arrays is None:
             means, variances = self.scaler.means, self.scaler.vars
             mean = np.array([means.get(k, 0.0) for k in NUMERIC_INPUTS])
@@ -212,47 +215,58 @@ class OnlineModel:
             inv_std = np.zeros_like(var)
             np.divide(1.0, np.sqrt(var), out=inv_std, where=var > 0)
             weights = self.linear._weights
-            dense_w = np.array([weights.get(k, 0.0) for k in NUMERIC_INPUTS])
-            self._arrays = (mean, inv_std, dense_w)
+            scaled = inv_std * np.array([weights.get(k, 0.0) for k in NUMERIC_INPUTS])
+            n_numeric = len(NUMERIC_FEATURES)
+            devices = {name.partition("=")[2]: float(w)
+                       for name, w in zip(_DEVICE_INPUTS, scaled[n_numeric:], strict=True)}
+            offset = float(self.linear.intercept - mean @ scaled)
+            self._arrays = (scaled[:n_numeric], devices, offset)
         return self._arrays
 
     def logits(self, batch: RankingBatch) -> np.ndarray:
         """Raw scores (log-odds) of every row, vectorised."""
         if not len(batch):
             return np.zeros(0)
-        mean, inv_std, dense_w = self._state_arrays()
-        x = np.empty((len(batch), len(NUMERIC_INPUTS)))
-        n_numeric = len(NUMERIC_FEATURES)
-        x[:, :n_numeric] = numeric_matrix(batch)
-        for j, name in enumerate(_DEVICE_INPUTS):
-            x[:, n_numeric + j] = batch.device == name.partition("=")[2]
-        z = ((x - mean) * inv_std) @ dense_w
-        return z + self._sparse_logits(batch) + self.linear.intercept
+        numeric_w, device_w, offset = self._state_arrays()
+        # ((x - mean) / std) @ w as x @ (w / std) + constant: no (B, F) temporaries.
+        z = numeric_matrix(batch) @ numeric_w
+        if batch.shared_request:
+            z += device_w.get(batch.device[0], 0.0)
+        else:
+            z += np.fromiter(map(device_w.get, batch.device, itertools.repeat(0.0)),
+                             dtype=np.float64, count=len(batch))
+        return z + self._sparse_logits(batch) + offset
 
     def _sparse_logits(self, batch: RankingBatch) -> np.ndarray:
-        """Each row's sum of its :meth:`_sparse` weights, added in the same order.
+        """Each row's sum of its :meth:`_sparse` weights.
 
-        The rows of a request share their user and repeat categories: each distinct user,
-        item and (user, category) pair is looked up once.
+        The rows of a request share their user and repeat categories: each distinct user
+        and (user, category) pair is looked up once, a request's user once for all rows.
         """
         get = self.linear._weights.get
         users, items = batch.user_ids, batch.item_ids
         categories = self._categories(batch)
-        user_w = {u: get(f"user={u}", 0.0) for u in dict.fromkeys(users)}
-        item_w = {i: get(f"item={i}", 0.0) for i in dict.fromkeys(items)}
-        pairs = dict.fromkeys(zip(users, categories, strict=True))
-        category_w = {pair: get(f"category={pair[1]}", 0.0) if pair[1] else 0.0
-                      for pair in pairs}
-        cross_w = {pair: get(f"user_category={pair[0]}|{pair[1]}", 0.0) if pair[1] else 0.0
-                   for pair in pairs}
         n = len(batch)
-
-        def column(weights: dict[Any, float], keys: Any) -> np.ndarray:
-            return np.fromiter(map(weights.__getitem__, keys), dtype=np.float64, count=n)
-
-        keys = list(zip(users, categories, strict=True))
-        return (column(user_w, users) + column(item_w, items) + column(category_w, keys)
-                + column(cross_w, keys))
+        item_w = np.fromiter((get(f"item={i}", 0.0) for i in items), np.float64, count=n)
+        if batch.shared_request:
+            user = users[0]
+            by_category = {
+                c: get(f"category={c}", 0.0) + get(f"user_category={user}|{c}", 0.0)
+                if c else 0.0
+                for c in dict.fromkeys(categories)
+            }
+            return (item_w + get(f"user={user}", 0.0)
+                    + np.fromiter(map(by_category.__getitem__, categories), np.float64,
+                                  count=n))
+        user_w = {u: get(f"user={u}", 0.0) for u in dict.fromkeys(users)}
+        pairs = {
+            pair: get(f"category={pair[1]}", 0.0) + get(f"user_category={pair[0]}|{pair[1]}", 0.0)
+            if pair[1] else 0.0
+            for pair in dict.fromkeys(zip(users, categories, strict=True))
+        }
+        keys = zip(users, categories, strict=True)
+        return (item_w + np.fromiter(map(user_w.__getitem__, users), np.float64, count=n)
+                + np.fromiter(map(pairs.__getitem__, keys), np.float64, count=n))
 
     def score(self, batch: RankingBatch) -> np.ndarray:
         """Click probability of every row (what River's ``predict_proba_one`` gives)."""

@@ -74,6 +74,7 @@ Examples
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -126,11 +127,9 @@ def stable_hash(values: Sequence[str] | np.ndarray, buckets: int) -> np.ndarray:
     >>> stable_hash(["a", "b", "a"], 1000).tolist()
     [907, 681, 907]
     """
-    unique, inverse = np.unique(np.asarray(values, dtype=str), return_inverse=True)
-    codes = np.array(
-        [zlib.crc32(v.encode()) % buckets for v in unique.tolist()], dtype=np.int64
-    )
-    return codes[inverse.reshape(-1)]
+    # CRC-32 of a short string is cheaper than finding the distinct ones first.
+    return np.fromiter((zlib.crc32(str(v).encode()) % buckets for v in values),
+                       dtype=np.int64, count=len(values))
 
 
 class ItemVocab:
@@ -161,12 +160,16 @@ class ItemVocab:
 
     def rows(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
         """The embedding row of each id (``int64``)."""
-        unique, inverse = np.unique(np.asarray(ids, dtype=str), return_inverse=True)
-        known = np.array([self._index.get(i, 0) for i in unique.tolist()], dtype=np.int64)
-        unknown = known == 0
-        if unknown.any():
-            known[unknown] = 1 + len(self.ids) + stable_hash(unique[unknown], self.buckets)
-        return known[inverse.reshape(-1)]
+        # One dictionary lookup per id: sorting strings (np.unique) cost more than it saved.
+        names = [str(i) for i in ids]
+        get = self._index.get
+        rows = np.fromiter(map(get, names, itertools.repeat(0)), dtype=np.int64,
+                           count=len(names))
+        unknown = np.flatnonzero(rows == 0)
+        if unknown.size:
+            rows[unknown] = 1 + len(self.ids) + stable_hash(
+                [names[i] for i in unknown.tolist()], self.buckets)
+        return rows
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,10 @@ values in both places — the guard against training/serving skew.
 
 :func:`numeric_matrix` turns a batch into the dense numeric features both models use
 (:data:`NUMERIC_FEATURES`, documented one by one below); :func:`numeric_rows` gives the
-same values as River-style dicts, plus one-hot context.
+same values as River-style dicts, plus one-hot context. For the rows of one request
+(:attr:`RankingBatch.shared_request` and every user feature the same on each row) the
+user's and the moment's features are computed on one row and repeated: the same numbers
+for a fraction of the work.
 
 Windowed counts of the real-time views are *as of the entity's newest event*; a user idle
 for two hours still carries the ``views_1h`` of their last visit. Here a count whose whole
@@ -36,6 +39,7 @@ True
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -121,7 +125,7 @@ class RankingBatch:
         ignored).
         """
         n = len(item_ids)
-        return cls(
+        batch = cls(
             user_ids=_objects([user_id] * n),
             item_ids=_objects(item_ids),
             ts_s=np.full(n, float(ts_s)),
@@ -129,6 +133,8 @@ class RankingBatch:
             country=_objects([country.upper() if country else None] * n),
             features={k: v for k, v in features.items() if "__" in k},
         )
+        batch.__dict__["shared_request"] = True  # true by construction: skip the check
+        return batch
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame) -> RankingBatch:
@@ -187,10 +193,42 @@ class RankingBatch:
         return values
 
     @cached_property
+    def shared_request(self) -> bool:
+        """Whether every row has the same user, moment, device and country: the rows of
+        one request, whose per-request parts models compute once."""
+        return len(self) > 0 and all(
+            len(set(column.tolist())) == 1
+            for column in (self.user_ids, self.ts_s, self.device, self.country)
+        )
+
+    @cached_property
     def numeric(self) -> np.ndarray:
         """:func:`numeric_matrix` of this batch, computed on first use (shared: do not modify)."""
-        x = np.hstack([block(self) for _, block in _BLOCKS]).astype(np.float32)
-        return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        head = self._user_row()
+        if head is None:
+            x = np.hstack([block(self) for _, block in _BLOCKS]).astype(np.float32)
+        else:
+            # One request: the user's and the moment's features once, on every row.
+            x = np.empty((len(self), len(NUMERIC_FEATURES)), dtype=np.float32)
+            for span, per_request, block in _SPANS:
+                x[:, span] = block(head if per_request else self)
+        return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0, copy=False)
+
+    def _user_row(self) -> RankingBatch | None:
+        """The first row with only the user's feature columns, when every row shares the
+        user, the moment and every user feature (a request's batch); else ``None``."""
+        if len(self) < 2 or not self.shared_request:
+            return None
+        user = {k: v for k, v in self.features.items() if k.startswith(_USER_VIEWS)}
+        # A request repeats one object per user feature (RankingBatch.for_request's
+        # caller): identity is quick to check, and equal copies merely take the long way.
+        if not all(_shared(values) for values in user.values()):
+            return None
+        return RankingBatch(
+            user_ids=self.user_ids[:1], item_ids=self.item_ids[:1], ts_s=self.ts_s[:1],
+            device=self.device[:1], country=self.country[:1],
+            features={k: v[:1] for k, v in user.items()},
+        )
 
     def take(self, index: np.ndarray | Sequence[int]) -> RankingBatch:
         """The rows at ``index``, in that order."""
@@ -233,6 +271,17 @@ def _floats(batch: RankingBatch, name: str) -> np.ndarray:
 
 def _stack(batch: RankingBatch, view: str, names: Sequence[str]) -> np.ndarray:
     """The features ``names`` of ``view`` as float64 columns (a new array)."""
+    columns = [batch.features.get(f"{view}__{n}") for n in names]
+    if all(isinstance(c, list) for c in columns):
+        # One conversion for the whole family rather than one per column: the numpy
+        # calls, not the values, are most of the cost for a request's few rows.
+        if len(batch) == 1:
+            return np.array([[np.nan if c[0] is None else c[0] for c in columns]], np.float64)
+        if len(batch) and all(c[0] is not None for c in columns):
+            try:
+                return np.array(columns, dtype=np.float64).T
+            except TypeError:  # a missing value further down: column by column
+                pass
     return np.column_stack([_floats(batch, f"{view}__{n}") for n in names])
 
 
@@ -295,9 +344,21 @@ def _affinity(blob: str) -> Mapping[str, float]:
     return parsed if isinstance(parsed, dict) else {}
 
 
+def _shared(values: Sequence[Any]) -> bool:
+    """Whether every row holds the same object (a request's user feature)."""
+    first = values[0]
+    return all(v is first for v in values)
+
+
 def _category_affinity(batch: RankingBatch) -> np.ndarray:
     blobs = batch.column("user_stats__category_affinity")
     categories = batch.column("item_profile__category")
+    if len(batch) and _shared(blobs):
+        if blobs[0] is None:
+            return np.full(len(batch), np.nan)
+        affinity = _affinity(blobs[0])
+        return np.array([np.nan if c is None else float(affinity.get(c, 0.0))
+                         for c in categories])
     return np.array(
         [
             np.nan if b is None else float(_affinity(b).get(c, 0.0)) if c is not None else np.nan
@@ -309,6 +370,12 @@ def _category_affinity(batch: RankingBatch) -> np.ndarray:
 def _same_category_as_last(batch: RankingBatch) -> np.ndarray:
     last = batch.column("user_realtime__last_category")
     categories = batch.column("item_profile__category")
+    if len(batch) and _shared(last):
+        if last[0] is None:
+            return np.full(len(batch), np.nan)
+        match = {last[0]: 1.0, None: np.nan}
+        return np.fromiter(map(match.get, categories, itertools.repeat(0.0)), np.float64,
+                           count=len(batch))
     return np.array(
         [
             np.nan if a is None or c is None else float(a == c)
@@ -320,6 +387,15 @@ def _same_category_as_last(batch: RankingBatch) -> np.ndarray:
 def _recency_rank(batch: RankingBatch) -> np.ndarray:
     """1 / (1 + position) of the candidate in the user's recent items, 0 when absent."""
     recent = batch.column("user_realtime__recent_items")
+    if len(batch) and _shared(recent):
+        if recent[0] is None:
+            return np.full(len(batch), np.nan)
+        # The first position of each recent item, for every candidate at once.
+        rank = {}
+        for position, item in enumerate(recent[0]):
+            rank.setdefault(item, 1.0 / (1.0 + position))
+        return np.fromiter(map(rank.get, batch.item_ids, itertools.repeat(0.0)), np.float64,
+                           count=len(batch))
     out = np.zeros(len(batch))
     for i, (items, item) in enumerate(zip(recent, batch.item_ids, strict=True)):
         if items is None:
@@ -375,6 +451,22 @@ _BLOCKS: list[_Block] = [
 
 NUMERIC_FEATURES: tuple[str, ...] = tuple(name for names, _ in _BLOCKS for name in names)
 """Names of :func:`numeric_matrix`'s columns, in order."""
+
+_USER_VIEWS = (f"{USER_VIEW.name}__", "user_stats__")
+_PER_REQUEST = ("user_", "hour_")
+"""Blocks named so read only the user's views (:data:`_USER_VIEWS`) and the moment."""
+
+
+def _spans() -> list[tuple[slice, bool, Callable[[RankingBatch], np.ndarray]]]:
+    spans, start = [], 0
+    for names, block in _BLOCKS:
+        per_request = all(n.startswith(_PER_REQUEST) for n in names)
+        spans.append((slice(start, start + len(names)), per_request, block))
+        start += len(names)
+    return spans
+
+
+_SPANS = _spans()
 
 
 def numeric_matrix(batch: RankingBatch) -> np.ndarray:
