@@ -200,7 +200,9 @@ class NeighborAccess:
     """``item_neighbors`` rows of a few items, when the graph job has published the view.
 
     The view is optional: until the registry has it, or after a read fails, the source is
-    skipped for ``retry_s`` and then looked up again (with a registry refresh).
+    skipped for ``retry_s`` and then looked up again (with a registry refresh). Rows are
+    reused for ``serving_batch_features_max_age_s`` (a near cache): the view changes only
+    when the graph job publishes it.
     """
 
     FEATURES = ("item_neighbors:neighbors", "item_neighbors:neighbor_weights")
@@ -211,6 +213,9 @@ class NeighborAccess:
         self._reader: OnlineFeatureReader | None = None
         self._skip_until = 0.0
         self._stale = False
+        # A batch view (the graph job publishes it): cached like the other batch features.
+        self._cache = NearCache([f.partition(":")[2] for f in self.FEATURES],
+                                max_age_s=settings.serving_batch_features_max_age_s)
 
     def read(
         self, item_ids: Sequence[str]
@@ -224,7 +229,9 @@ class NeighborAccess:
             elif self._stale:
                 self._reader.refresh()
             self._stale = False
-            rows = self._reader.read(list(self.FEATURES), {"item_id": list(item_ids)})
+            reader = self._reader
+            rows = self._cache.read(item_ids, lambda missing: reader.read(
+                list(self.FEATURES), {"item_id": missing}))
         except Exception as exc:
             self._stale = True
             self._skip_until = time.monotonic() + self.retry_s
