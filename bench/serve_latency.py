@@ -21,7 +21,9 @@ Load: an asyncio client (uvloop, a minimal keep-alive HTTP/1.1 connection pool) 
 the 200 candidates) at fixed rates, each for ``--seconds``:
 *open loop*, requests leave on schedule whether or not earlier ones have returned, and
 latency is measured from the scheduled moment (no coordinated omission).
-Per-stage timings come from the server itself (its ``Server-Timing`` header).
+Per-stage timings come from the server itself (its ``Server-Timing`` header). A warm-up
+(``--warmup-rate`` x ``--warmup-seconds``, 2,400 requests by default) runs first, so the
+API's per-process caches are as warm as in a service that has been running a while.
 
 Usage::
 
@@ -457,6 +459,8 @@ def main() -> None:
     parser.add_argument("--home", type=Path, default=None,
                         help="Where to build the shop (default: a temp folder).")
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--warmup-rate", type=float, default=80.0)
+    parser.add_argument("--warmup-seconds", type=float, default=30.0)
     parser.add_argument("--idle-seconds", type=float, default=5.0,
                         help="How long the API's CPU is measured without requests first.")
     args = parser.parse_args()
@@ -465,6 +469,7 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         home = args.home or Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="serve-latency-")))
+        home.mkdir(parents=True, exist_ok=True)  # a private redis-server runs in it
         redis_url = stack.enter_context(online_store(args, home))
         # Without a broker the API's trending feed and impression log keep retrying in the
         # background (impressions are dropped and counted).
@@ -540,7 +545,11 @@ def run(settings: Settings, args: argparse.Namespace, rates: list[float]) -> dic
                 total += times.user + times.system
             return total
 
-        uvloop.run(_run_rate(port, users, 20, 3, rng))  # warm-up: caches, connections
+        # Warm-up: connections, and the per-process caches a running service has warm (each
+        # seed's neighbours, each candidate's ranker parts, item features); without it the
+        # first rates would measure a cold start of 10,000 items.
+        log(f"warm-up: {args.warmup_rate:g} requests/s for {args.warmup_seconds:g} s …")
+        uvloop.run(_run_rate(port, users, args.warmup_rate, args.warmup_seconds, rng))
         # What the API burns without requests (trending feed, catalog and model polls):
         # part of every rate's CPU per request, the more so the lower the rate.
         cpu_before = server_cpu_s()
@@ -582,6 +591,7 @@ def run(settings: Settings, args: argparse.Namespace, rates: list[float]) -> dic
         "server_idle_cpu_ms_per_s": round(idle_cpu_ms_per_s, 1),
         "candidates_per_request": _candidates_per_request(metrics),
         "models": promoted,
+        "warmup_requests": int(args.warmup_rate * args.warmup_seconds),
         "online_store": args.online_store,
         "api_workers": args.workers,
         "users": args.users, "items": args.items, "events": args.events,
