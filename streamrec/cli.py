@@ -126,14 +126,15 @@ def worker_archiver(max_idle_s: MaxIdle = None) -> None:
 @worker_app.command("features")
 def worker_features(max_idle_s: MaxIdle = None) -> None:
     """Fold events into real-time user/item features in Feast (one replica per deployment)."""
-    from features.store import apply_repo, registry_exists
+    from features.store import apply_repo
     from streaming.feature_writer import FeatureWriter
 
     _worker_logging()
     settings = get_settings()
-    if not registry_exists(settings):
-        typer.echo("no Feast registry yet: applying feature_repo/ first", err=True)
-        apply_repo(settings)
+    # Idempotent, and the writer is the only replica: a registry from an older version
+    # gains the views this one writes (e.g. item_realtime_vector) before the first row.
+    typer.echo("applying feature_repo/ (registers any view this version adds)", err=True)
+    apply_repo(settings)
     stats = FeatureWriter(settings).run(max_idle_s=max_idle_s, metrics_port=settings.metrics_port)
     typer.echo(
         json.dumps(
