@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -69,15 +70,10 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, SimulatedH
 def _concat(batches: list) -> object:
     from training.ranking_batch import RankingBatch
 
+    # Every feature any batch has, so the first batch's names do not decide.
     keys = sorted({k for b in batches for k in b.features})
-    return RankingBatch(
-        user_ids=np.concatenate([b.user_ids for b in batches]),
-        item_ids=np.concatenate([b.item_ids for b in batches]),
-        ts_s=np.concatenate([b.ts_s for b in batches]),
-        device=np.concatenate([b.device for b in batches]),
-        country=np.concatenate([b.country for b in batches]),
-        features={k: [v for b in batches for v in b.column(k)] for k in keys},
-    )
+    return RankingBatch.concat([replace(b, features={k: b.column(k) for k in keys})
+                                for b in batches])
 
 
 def test_every_version_and_baseline_is_measured(shop: tuple[Settings, SimulatedHome]) -> None:

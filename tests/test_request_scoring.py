@@ -63,14 +63,7 @@ def _request(user: int, items: list[str], *, recent: list[str] | None, ts_s: flo
 
 def _concat(*batches: RankingBatch) -> RankingBatch:
     """The rows of several requests as one batch (not one request: the general path)."""
-    return RankingBatch(
-        user_ids=np.concatenate([b.user_ids for b in batches]),
-        item_ids=np.concatenate([b.item_ids for b in batches]),
-        ts_s=np.concatenate([b.ts_s for b in batches]),
-        device=np.concatenate([b.device for b in batches]),
-        country=np.concatenate([b.country for b in batches]),
-        features={k: [v for b in batches for v in b.column(k)] for k in batches[0].features},
-    )
+    return RankingBatch.concat(batches)
 
 
 def _requests() -> list[RankingBatch]:

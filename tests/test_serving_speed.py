@@ -72,14 +72,7 @@ def ranker(tmp_path_factory: pytest.TempPathFactory) -> ContextRanker:
     rng = np.random.default_rng(1)
     batches = [_request(catalog, f"u{u}", list(rng.choice(ITEMS, 12, replace=False)),
                         list(rng.choice(ITEMS, 3, replace=False))) for u in range(20)]
-    train = RankingBatch(
-        user_ids=np.concatenate([b.user_ids for b in batches]),
-        item_ids=np.concatenate([b.item_ids for b in batches]),
-        ts_s=np.concatenate([b.ts_s for b in batches]),
-        device=np.concatenate([b.device for b in batches]),
-        country=np.concatenate([b.country for b in batches]),
-        features={k: [v for b in batches for v in b.column(k)] for k in batches[0].features},
-    )
+    train = RankingBatch.concat(batches)
     labels = (rng.random(len(train)) < 0.4).astype(float)
     folder = tmp_path_factory.mktemp("ranker")
     ContextRanker(CONFIG).fit(train, labels).save(folder)

@@ -137,6 +137,18 @@ class RankingBatch:
         return batch
 
     @classmethod
+    def concat(cls, batches: Sequence[RankingBatch]) -> RankingBatch:
+        """The rows of ``batches``, in order, as one batch (feature names of the first)."""
+        return cls(
+            user_ids=np.concatenate([b.user_ids for b in batches]),
+            item_ids=np.concatenate([b.item_ids for b in batches]),
+            ts_s=np.concatenate([b.ts_s for b in batches]),
+            device=np.concatenate([b.device for b in batches]),
+            country=np.concatenate([b.country for b in batches]),
+            features={k: [v for b in batches for v in b.column(k)] for k in batches[0].features},
+        )
+
+    @classmethod
     def from_frame(cls, frame: pd.DataFrame) -> RankingBatch:
         """Rows of a point-in-time join: ``user_id``, ``item_id``, ``event_timestamp``,
         optional ``device``/``country`` and the ``<view>__<feature>`` columns."""
