@@ -27,6 +27,7 @@ False
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -319,6 +320,7 @@ class ServingRuntime:
                                    settings.serving_queue_timeout_ms / 1000)
 
     def start(self) -> None:
+        sys.setswitchinterval(self.settings.serving_gil_switch_ms / 1000)
         for part in (self.catalog, self.feed, self.watcher, self.impressions):
             part.start()
         # Opening Feast's registry takes seconds: done here rather than by the first request.

@@ -244,6 +244,13 @@ class Settings(BaseSettings):
         "bound under the GIL: more threads only time-slice it (every request slower), so "
         "requests queue instead; raise it when the online store is remote (Redis).",
     )
+    serving_gil_switch_ms: float = Field(
+        1.0,
+        gt=0,
+        description="How long one thread of an API process may hold the GIL while others wait "
+        "(sys.setswitchinterval; Python's default is 5). The trending feed folds events in "
+        "batches: a shorter turn keeps a request from waiting on a batch.",
+    )
     serving_queue_timeout_ms: float = Field(
         200.0,
         gt=0,

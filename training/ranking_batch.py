@@ -233,7 +233,7 @@ class RankingBatch:
             return None
         user = {k: v for k, v in self.features.items() if k.startswith(_USER_VIEWS)}
         # A request repeats one object per user feature (RankingBatch.for_request's
-        # caller): identity is quick to check, and equal copies merely take the long way.
+        # caller), which list.count confirms at C speed.
         if not all(_shared(values) for values in user.values()):
             return None
         return RankingBatch(
@@ -357,8 +357,13 @@ def _affinity(blob: str) -> Mapping[str, float]:
 
 
 def _shared(values: Sequence[Any]) -> bool:
-    """Whether every row holds the same object (a request's user feature)."""
+    """Whether every row holds the same value (a request's user feature)."""
     first = values[0]
+    if isinstance(values, list):
+        try:  # C loop; a repeated object matches by identity before any comparison
+            return values.count(first) == len(values)
+        except (TypeError, ValueError):  # values whose == is not a bool (arrays)
+            pass
     return all(v is first for v in values)
 
 
