@@ -567,8 +567,17 @@ def run(settings: Settings, args: argparse.Namespace, rates: list[float]) -> dic
         servers = [psutil.Process(api.pid) for api in apis]
 
         def replica_cpu_s() -> list[float]:
-            times = [server.cpu_times() for server in servers]
-            return [t.user + t.system for t in times]
+            return [_cpu_s(server) for server in servers]
+
+        parts = {"writer": psutil.Process(writer.pid), "load_generator": psutil.Process()}
+
+        def machine_cpu_s() -> dict[str, float]:
+            """CPU seconds so far of the API, the writer, this process and the whole box."""
+            times = psutil.cpu_times()
+            return {"api": sum(replica_cpu_s()),
+                    **{name: _cpu_s(process) for name, process in parts.items()},
+                    "machine": sum(getattr(times, field, 0.0) for field in
+                                   ("user", "nice", "system", "irq", "softirq"))}
 
         def server_cpu_s() -> float:
             return sum(replica_cpu_s())
@@ -585,7 +594,7 @@ def run(settings: Settings, args: argparse.Namespace, rates: list[float]) -> dic
         idle_cpu_ms_per_s = (server_cpu_s() - cpu_before) * 1000 / args.idle_seconds
         log(f"idle API: {idle_cpu_ms_per_s:.1f} ms CPU per second")
         for rate in rates:
-            replicas_before = replica_cpu_s()
+            replicas_before, machine_before = replica_cpu_s(), machine_cpu_s()
             events_before = written.value
             started = time.perf_counter()
             result = uvloop.run(_run_rate(ports, users, rate, args.seconds, rng))
@@ -595,6 +604,8 @@ def run(settings: Settings, args: argparse.Namespace, rates: list[float]) -> dic
             cpu_ms = sum(used) * 1000
             # How evenly the balancer spread the work (each replica's CPU, ms per second).
             result["replica_cpu_ms_per_s"] = [round(u * 1000 / elapsed, 1) for u in used]
+            # Where the box's 2 cores went: everything shares them.
+            result["cpu_ms_per_s"] = _budget(machine_before, machine_cpu_s(), elapsed)
             result["server_cpu_ms_per_request"] = round(cpu_ms / max(result["requests"], 1), 2)
             result["server_cpu_ms_per_request_beyond_idle"] = round(
                 (cpu_ms - idle_cpu_ms_per_s * args.seconds) / max(result["requests"], 1), 2)
@@ -606,7 +617,8 @@ def run(settings: Settings, args: argparse.Namespace, rates: list[float]) -> dic
                 f"p50 {result['p50_ms']} p95 {result['p95_ms']} p99 "
                 f"{result['p99_ms']} ms, errors {result['errors']}, degraded "
                 f"{result['degraded_share']:.1%} {result['fallbacks']}; full answers p99 "
-                f"{result['full']['p99_ms']} ms, server p99 per stage: {_stage_line(result)}")
+                f"{result['full']['p99_ms']} ms, server p99 per stage: {_stage_line(result)}; "
+                f"CPU ms/s {result['cpu_ms_per_s']}")
             uvloop.run(_drain(ports, users[0]))
         metrics = httpx.get(f"{base}/metrics", timeout=60).text
     finally:
@@ -635,6 +647,24 @@ def run(settings: Settings, args: argparse.Namespace, rates: list[float]) -> dic
         "cpus": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
+
+
+def _cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def _budget(before: dict[str, float], after: dict[str, float],
+            elapsed_s: float) -> dict[str, float]:
+    """CPU ms per second of each part between two :func:`machine_cpu_s` snapshots; ``other``
+    is the rest of the machine (the broker, a Redis server, the OS), ``idle`` what was left
+    of all cores."""
+    used = {name: (after[name] - before[name]) * 1000 / elapsed_s for name in after}
+    machine = used.pop("machine")
+    out = {name: round(ms, 1) for name, ms in used.items()}
+    out["other"] = round(max(machine - sum(used.values()), 0.0), 1)
+    out["idle"] = round(max((os.cpu_count() or 1) * 1000 - machine, 0.0), 1)
+    return out
 
 
 def _candidates_per_request(metrics: str) -> float | None:
