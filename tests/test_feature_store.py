@@ -26,8 +26,10 @@ from features.store import (
     RANKER_SERVICE,
     OnlineFeatureReader,
     OnlineFeatureWriter,
+    _decode,
     _entity_key_encoder,
     _float64,
+    _vector_column_decoder,
     apply_repo,
     feature_store,
     registry_exists,
@@ -184,6 +186,35 @@ def test_entity_key_bytes_are_feasts() -> None:
     for key in ["u1", "", "ünïcødé-👍", "x" * 300]:
         proto = EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=key)])
         assert encode(key) == serialize_entity_key(proto, entity_key_serialization_version=3)
+
+
+@pytest.mark.parametrize("dtype", ["<f4", "<f8"])
+def test_a_column_of_vectors_decodes_like_each_value_alone(dtype: str) -> None:
+    from feast.protos.feast.types.Value_pb2 import DoubleList, FloatList
+    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+
+    rng = np.random.default_rng(0)
+
+    def stored(values: list[float]) -> bytes:
+        if dtype == "<f4":
+            return ValueProto(float_list_val=FloatList(val=values)).SerializeToString()
+        return ValueProto(double_list_val=DoubleList(val=values)).SerializeToString()
+
+    vectors = [rng.normal(size=n).tolist() for n in (13, 13, 5, 13, 1, 5, 0)]
+    blobs: list[bytes | None] = [stored(v) for v in vectors]
+    blobs[1:1] = [None, ValueProto().SerializeToString()]  # no row; a null value
+    decoded = _vector_column_decoder(np.dtype(dtype))(blobs)
+    assert len(decoded) == len(blobs)
+    for blob, got in zip(blobs, decoded, strict=True):
+        want = None if blob is None else _decode(blob)
+        if want is None:
+            assert got is None
+        else:
+            assert got.dtype == np.dtype(dtype)
+            assert np.array_equal(got, np.asarray(want, dtype=dtype))
+    got = decoded[0]
+    got[0] = 42.0  # values are the caller's own: writable, and shared with nothing else
+    assert decoded[3][0] != 42.0
 
 
 # --- online round trips ------------------------------------------------------------------------
