@@ -177,17 +177,20 @@ def requested(
     return out
 
 
-def read_features(rt: ServingRuntime, user: UserState, ids: Sequence[str]) -> dict[str, list[Any]]:
+def read_features(
+    rt: ServingRuntime, user: UserState, ids: Sequence[str]
+) -> dict[str, Sequence[Any]]:
     """The ``ranker_features`` of the user x ``ids``.
 
     The user's come from :func:`read_user`; the candidates' item views from one batched
     online read through the near cache, stream views as their packed twins
     (``features.packed``: one stored vector per candidate instead of one value per
-    feature); the catalog views from the catalog snapshot when ``serving_catalog_features``
-    is on.
+    feature, unpacked into float arrays with NaN for no row); the catalog views from the
+    catalog snapshot when ``serving_catalog_features`` is on.
     """
     n = len(ids)
-    features = {name: [value] * n for name, value in user.features.items()}
+    features: dict[str, Sequence[Any]] = {
+        name: [value] * n for name, value in user.features.items()}
     catalog = rt.settings.serving_catalog_features
     without = (*CATALOG_VIEWS, *PACKED) if catalog else tuple(PACKED)
     refs = rt.store.service_features(RANKER_SERVICE, without=without, join_key="item_id")
