@@ -50,22 +50,6 @@ def log(msg: str) -> None:
     print(f"[serve_cpu] {msg}", file=sys.stderr, flush=True)
 
 
-class CpuStopwatch(Stopwatch):
-    """A :class:`Stopwatch` of the calling thread's CPU time rather than wall time."""
-
-    def __init__(self) -> None:
-        self.start = self._last = time.thread_time()
-        self.stages: dict[str, float] = {}
-
-    def lap(self, stage: str) -> None:
-        now = time.thread_time()
-        self.stages[stage] = self.stages.get(stage, 0.0) + now - self._last
-        self._last = now
-
-    def total(self) -> float:
-        return time.thread_time() - self.start
-
-
 def _request(rng: random.Random, users: list[str]) -> RecommendationRequest:
     return RecommendationRequest.model_validate({
         "user_id": rng.choice(users), "k": 10,
@@ -84,7 +68,7 @@ def _paced(rt: ServingRuntime, users: list[str], n: int, rate: float,
         delay = started + i / rate - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-        watch = CpuStopwatch()
+        watch = Stopwatch(clock=time.thread_time)
         answer = recommend(rt, _request(rng, users), watch)
         degraded += answer.degraded
         for stage, seconds in watch.stages.items():
