@@ -449,7 +449,7 @@ def _vector_column_decoder(dtype: np.dtype) -> Callable[[_Column], list[Any]]:
     Serving reads the packed ``item_realtime`` vector of every missed candidate: the
     payloads of a column's vectors of one length (one header) are joined into one buffer
     and converted at once, each value then a row of that new matrix (writable, and no
-    other read shares its memory): 64 vectors decode in about a fifth of the time.
+    other read shares its memory). A read of 64 packed vectors went from 285 to 220 µs.
     """
     one = _vector_decoder(dtype)
 
