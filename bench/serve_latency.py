@@ -569,18 +569,19 @@ def run(settings: Settings, args: argparse.Namespace, rates: list[float]) -> dic
         def replica_cpu_s() -> list[float]:
             return [_cpu_s(server) for server in servers]
 
+        def server_cpu_s() -> float:
+            return sum(replica_cpu_s())
+
         parts = {"writer": psutil.Process(writer.pid), "load_generator": psutil.Process()}
 
-        def machine_cpu_s() -> dict[str, float]:
-            """CPU seconds so far of the API, the writer, this process and the whole box."""
+        def machine_cpu_s(api_s: float) -> dict[str, float]:
+            """CPU seconds so far of the API (``api_s``), the writer, this process and the
+            whole box."""
             times = psutil.cpu_times()
-            return {"api": sum(replica_cpu_s()),
+            return {"api": api_s,
                     **{name: _cpu_s(process) for name, process in parts.items()},
                     "machine": sum(getattr(times, field, 0.0) for field in
                                    ("user", "nice", "system", "irq", "softirq"))}
-
-        def server_cpu_s() -> float:
-            return sum(replica_cpu_s())
 
         # Warm-up: connections, and the per-process caches a running service has warm (each
         # seed's neighbours, each candidate's ranker parts, item features); without it the
@@ -594,18 +595,21 @@ def run(settings: Settings, args: argparse.Namespace, rates: list[float]) -> dic
         idle_cpu_ms_per_s = (server_cpu_s() - cpu_before) * 1000 / args.idle_seconds
         log(f"idle API: {idle_cpu_ms_per_s:.1f} ms CPU per second")
         for rate in rates:
-            replicas_before, machine_before = replica_cpu_s(), machine_cpu_s()
+            replicas_before = replica_cpu_s()
+            machine_before = machine_cpu_s(sum(replicas_before))
             events_before = written.value
             started = time.perf_counter()
             result = uvloop.run(_run_rate(ports, users, rate, args.seconds, rng))
             elapsed = time.perf_counter() - started
+            replicas_after = replica_cpu_s()
             used = [after - before for after, before in
-                    zip(replica_cpu_s(), replicas_before, strict=True)]
+                    zip(replicas_after, replicas_before, strict=True)]
             cpu_ms = sum(used) * 1000
             # How evenly the balancer spread the work (each replica's CPU, ms per second).
             result["replica_cpu_ms_per_s"] = [round(u * 1000 / elapsed, 1) for u in used]
             # Where the box's 2 cores went: everything shares them.
-            result["cpu_ms_per_s"] = _budget(machine_before, machine_cpu_s(), elapsed)
+            result["cpu_ms_per_s"] = _budget(machine_before,
+                                             machine_cpu_s(sum(replicas_after)), elapsed)
             result["server_cpu_ms_per_request"] = round(cpu_ms / max(result["requests"], 1), 2)
             result["server_cpu_ms_per_request_beyond_idle"] = round(
                 (cpu_ms - idle_cpu_ms_per_s * args.seconds) / max(result["requests"], 1), 2)
