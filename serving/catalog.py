@@ -75,6 +75,8 @@ _NEAR_CACHE_MAX = 100_000
 
 
 PROFILE_FIELDS = ("category", "title", "price", "created_at_s")
+NUMBER_FIELDS = ("price", "created_at_s")
+"""Profile fields :meth:`Catalog.item_features` gives as float arrays (NaN: no value)."""
 CATALOG_VIEWS = ("item_profile", "item_embeddings")
 """Feature views :meth:`Catalog.item_features` can serve."""
 
@@ -225,6 +227,8 @@ class Catalog:
         self.profiles: dict[str, ItemProfile] = {}
         # The same profiles as rows by item number: 200 candidates' columns in one gather.
         self._profile_rows = np.full((0, len(PROFILE_FIELDS)), None, dtype=object)
+        # Their numbers as floats too: the ranker converts them, and a None costs a slow path.
+        self._profile_numbers = np.full((0, len(NUMBER_FIELDS)), np.nan)
         self.graph = VectorSpace(graph_dim)
         self.text = VectorSpace(text_dim)
         self._profile_ts: dict[str, int] = {}
@@ -261,16 +265,21 @@ class Catalog:
             )
             taken[self._key(item_id)] = profile
         if taken:
-            table = self._profile_rows
+            table, numbers = self._profile_rows, self._profile_numbers
             size = max(taken) + 1
             if size > len(table):
-                grown = np.full((max(size, 2 * len(table), 1024), len(PROFILE_FIELDS)), None,
-                                dtype=object)
+                rows = max(size, 2 * len(table), 1024)
+                grown = np.full((rows, len(PROFILE_FIELDS)), None, dtype=object)
                 grown[: len(table)] = table
                 table = grown
+                grown = np.full((rows, len(NUMBER_FIELDS)), np.nan)
+                grown[: len(numbers)] = numbers
+                numbers = grown
             for key, profile in taken.items():
                 table[key] = (profile.category, profile.title, profile.price,
                               profile.created_at_s)
+                numbers[key] = [_float(getattr(profile, f)) for f in NUMBER_FIELDS]
+            self._profile_numbers = numbers
             self._profile_rows = table
         return len(taken)
 
@@ -383,30 +392,43 @@ class Catalog:
         return [(seed, near) for space in ("graph", "text") for seed, near in chosen
                 if near is not None and near.space == space]
 
-    def item_features(self, item_ids: Sequence[str]) -> dict[str, list[Any]]:
+    def item_features(self, item_ids: Sequence[str]) -> dict[str, Sequence[Any]]:
         """The ``item_profile`` and ``item_embeddings`` columns of ``item_ids``, named like
-        ``OnlineFeatureReader.read(..., full_feature_names=True)`` returns them (``None``
-        where the catalog has no value)."""
+        ``OnlineFeatureReader.read(..., full_feature_names=True)`` returns them: lists with
+        ``None`` where the catalog has no value, except :data:`NUMBER_FIELDS`, float64
+        arrays with NaN there."""
         number = self.number.get
         key_list = [number(item, -1) for item in item_ids]
         keys = np.array(key_list, dtype=np.int64)
-        out: dict[str, list[Any]] = {
+        out: dict[str, Sequence[Any]] = {
             "item_embeddings__graph_vector": self.graph.vectors(key_list),
             "item_embeddings__text_vector": self.text.vectors(key_list),
         }
-        table = self._profile_rows
-        inside = (keys >= 0) & (keys < len(table))
-        rows = table[np.where(inside, keys, 0)] if len(table) else np.full(
+        numbers, table = self._profile_numbers, self._profile_rows
+        # The refresher replaces the two tables one after the other: use the rows both have.
+        inside = (keys >= 0) & (keys < min(len(table), len(numbers)))
+        at = np.where(inside, keys, 0)
+        rows = table[at] if len(table) else np.full(
             (len(keys), len(PROFILE_FIELDS)), None, dtype=object)
         rows[~inside] = None
+        values = numbers[at] if len(numbers) else np.full((len(keys), len(NUMBER_FIELDS)),
+                                                          np.nan)
+        values[~inside] = np.nan
         for j, field in enumerate(PROFILE_FIELDS):
-            out[f"item_profile__{field}"] = rows[:, j].tolist()
+            if field not in NUMBER_FIELDS:
+                out[f"item_profile__{field}"] = rows[:, j].tolist()
+        for j, field in enumerate(NUMBER_FIELDS):
+            out[f"item_profile__{field}"] = np.ascontiguousarray(values[:, j])
         return out
 
     def similar(self, item_id: str, k: int) -> list[tuple[str, float]]:
         """The ``k`` items nearest to ``item_id`` (graph space, else text; empty if unknown)."""
         found = self.neighbours([item_id], k)
         return found[0][1] if found else []
+
+
+def _float(value: Any) -> float:
+    return np.nan if value is None else float(value)
 
 
 # --- Parquet --------------------------------------------------------------------------------

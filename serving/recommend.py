@@ -182,20 +182,16 @@ def requested(
     return out
 
 
-def read_features(
-    rt: ServingRuntime, user: UserState, ids: Sequence[str]
-) -> dict[str, Sequence[Any]]:
-    """The ``ranker_features`` of the user x ``ids``.
+def read_features(rt: ServingRuntime, ids: Sequence[str]) -> dict[str, Sequence[Any]]:
+    """The item views of the ``ranker_features`` service for the candidates ``ids`` (the
+    user's views are :func:`read_user`'s).
 
-    The user's come from :func:`read_user`; the candidates' item views from one batched
-    online read through the near cache, stream views as their packed twins
-    (``features.packed``: one stored vector per candidate instead of one value per
-    feature, unpacked into float arrays with NaN for no row); the catalog views from the
-    catalog snapshot when ``serving_catalog_features`` is on.
+    The item views come from one batched online read through the near cache, stream views
+    as their packed twins (``features.packed``: one stored vector per candidate instead of
+    one value per feature, unpacked into float arrays with NaN for no row); the catalog
+    views from the catalog snapshot when ``serving_catalog_features`` is on.
     """
-    n = len(ids)
-    features: dict[str, Sequence[Any]] = {
-        name: [value] * n for name, value in user.features.items()}
+    features: dict[str, Sequence[Any]] = {}
     catalog = rt.settings.serving_catalog_features
     without = (*CATALOG_VIEWS, *PACKED) if catalog else tuple(PACKED)
     refs = rt.store.service_features(RANKER_SERVICE, without=without, join_key="item_id")
@@ -342,7 +338,7 @@ def recommend(
     features = None
     if store_up and ids:
         try:
-            features = read_features(rt, user, ids)
+            features = read_features(rt, ids)
         except StoreUnavailable:
             store_up = False
             fallbacks.append("feature_store")
@@ -354,6 +350,7 @@ def recommend(
             user_id, ids, features, ts_s=now_s,
             device=context.device.value if context is not None and context.device else None,
             country=context.country if context is not None else None,
+            user=user.features,
         )
         scored = score(rt, batch, priors, watch)
         categories = [c if c is not None else catalog.category(i) for i, c in

@@ -74,3 +74,20 @@ def test_take_and_length_checks() -> None:
     assert list(picked.item_ids) == ["b"] and picked.column("item_profile__category") == [None]
     with pytest.raises(ValueError, match="rows"):
         RankingBatch.for_request("u", ["a"], {"user_realtime__views_5m": [1, 2]}, ts_s=0.0)
+
+
+def test_a_requests_user_features_given_once_equal_them_repeated_on_every_row() -> None:
+    items = ["a", "b", "c"]
+    repeated = {k: v + v[:1] for k, v in _features(900.0).items()}
+    user = {k: v[0] for k, v in repeated.items() if k.startswith("user_")}
+    candidates = {k: v for k, v in repeated.items() if not k.startswith("user_")}
+    given = RankingBatch.for_request("u", items, candidates, ts_s=1_000.0, device="mobile",
+                                     user=user)
+    plain = RankingBatch.for_request("u", items, repeated, ts_s=1_000.0, device="mobile")
+    assert given.features.keys() == plain.features.keys()
+    np.testing.assert_array_equal(numeric_matrix(given), numeric_matrix(plain))
+    assert numeric_rows(given) == numeric_rows(plain)
+    # A user column the given values lack: the rows are confirmed as before.
+    partial = RankingBatch.for_request("u", items, repeated, ts_s=1_000.0, device="mobile",
+                                       user={"user_realtime__views_5m": 4})
+    np.testing.assert_array_equal(numeric_matrix(partial), numeric_matrix(plain))

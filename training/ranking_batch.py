@@ -117,23 +117,33 @@ class RankingBatch:
         ts_s: float,
         device: str | None = None,
         country: str | None = None,
+        user: Mapping[str, Any] | None = None,
     ) -> RankingBatch:
         """One request: ``user_id`` against every candidate in ``item_ids``.
 
         ``features`` is what ``OnlineFeatureReader.read(RANKER_SERVICE, {"user_id": [user_id]
         * n, "item_id": item_ids}, full_feature_names=True)`` returns (key columns are
-        ignored).
+        ignored). ``user`` holds features of the user, one value each (``<view>__<feature>``),
+        put on every row in place of ``features``' columns of the same names; the
+        per-request numeric features are then computed from them without confirming, row
+        by row, that the rows agree.
         """
         n = len(item_ids)
+        columns = {k: v for k, v in features.items() if "__" in k}
+        if user:
+            columns.update({k: [v] * n for k, v in user.items()})
         batch = cls(
             user_ids=_objects([user_id] * n),
             item_ids=_objects(item_ids),
             ts_s=np.full(n, float(ts_s)),
             device=_objects([device] * n),
             country=_objects([country.upper() if country else None] * n),
-            features={k: v for k, v in features.items() if "__" in k},
+            features=columns,
         )
         batch.__dict__["shared_request"] = True  # true by construction: skip the check
+        if user and n > 1 and not any(k.startswith(_USER_VIEWS) for k in features
+                                      if k not in user):
+            batch.__dict__["_head"] = batch._first({k: [v] for k, v in user.items()})
         return batch
 
     @classmethod
@@ -229,17 +239,24 @@ class RankingBatch:
     def _user_row(self) -> RankingBatch | None:
         """The first row with only the user's feature columns, when every row shares the
         user, the moment and every user feature (a request's batch); else ``None``."""
+        head = self.__dict__.get("_head")  # for_request's, from the user's own values
+        if head is not None:
+            return head
         if len(self) < 2 or not self.shared_request:
             return None
         user = {k: v for k, v in self.features.items() if k.startswith(_USER_VIEWS)}
-        # A request repeats one object per user feature (RankingBatch.for_request's
-        # caller), which list.count confirms at C speed.
+        # A request repeats one object per user feature, which list.count confirms at C
+        # speed.
         if not all(_shared(values) for values in user.values()):
             return None
+        return self._first({k: v[:1] for k, v in user.items()})
+
+    def _first(self, features: Mapping[str, Sequence[Any]]) -> RankingBatch:
+        """The first row's ids, moment and context with the user's columns of ``features``."""
         return RankingBatch(
             user_ids=self.user_ids[:1], item_ids=self.item_ids[:1], ts_s=self.ts_s[:1],
             device=self.device[:1], country=self.country[:1],
-            features={k: v[:1] for k, v in user.items()},
+            features={k: v for k, v in features.items() if k.startswith(_USER_VIEWS)},
         )
 
     def take(self, index: np.ndarray | Sequence[int]) -> RankingBatch:
@@ -284,6 +301,9 @@ def _floats(batch: RankingBatch, name: str) -> np.ndarray:
 def _stack(batch: RankingBatch, view: str, names: Sequence[str]) -> np.ndarray:
     """The features ``names`` of ``view`` as float64 columns (a new array)."""
     columns = [batch.features.get(f"{view}__{n}") for n in names]
+    if all(isinstance(c, np.ndarray) for c in columns):
+        # Float columns (serving's packed views): stacked in one call, NaN stays NaN.
+        return np.array(columns, dtype=np.float64).T
     if all(isinstance(c, list) for c in columns):
         # One conversion for the whole family rather than one per column: the numpy
         # calls, not the values, are most of the cost for a request's few rows.
