@@ -67,6 +67,19 @@ class PackedView:
         return {self.source.join_key: row[self.source.join_key],
                 TIMESTAMP_FIELD: row[TIMESTAMP_FIELD], self.feature: values}
 
+    @property
+    def columns(self) -> list[str]:
+        """The ``<source>__<feature>`` names of the packed values, in order."""
+        return [f"{self.source.name}__{feature.name}" for feature in self.source.features]
+
+    def rows(self, vectors: Sequence[np.ndarray | None]) -> np.ndarray:
+        """``(len(vectors), len(columns))`` float64, a row per entity, NaN for no row (or
+        a vector of another length)."""
+        width = len(self.source.features)
+        gap = np.full(width, np.nan)
+        return np.array([v if v is not None and len(v) == width else gap for v in vectors],
+                        dtype=np.float64).reshape(len(vectors), width)
+
     def unpack(self, vectors: Sequence[np.ndarray | None]) -> dict[str, np.ndarray]:
         """The ``<source>__<feature>`` columns that reading ``source`` with full feature
         names gives, as float64 arrays with NaN where an entity has no row.
@@ -76,13 +89,8 @@ class PackedView:
         whole numbers either way), so 200 candidates x 13 features never become Python
         objects.
         """
-        width = len(self.source.features)
-        gap = np.full(width, np.nan)
-        matrix = np.array([v if v is not None and len(v) == width else gap for v in vectors],
-                          dtype=np.float64).reshape(len(vectors), width)
-        columns = np.ascontiguousarray(matrix.T)
-        return {f"{self.source.name}__{feature.name}": column
-                for feature, column in zip(self.source.features, columns, strict=True)}
+        columns = np.ascontiguousarray(self.rows(vectors).T)
+        return dict(zip(self.columns, columns, strict=True))
 
 
 ITEM_VECTOR = PackedView(ITEM_VIEW)

@@ -191,16 +191,11 @@ def read_features(rt: ServingRuntime, ids: Sequence[str]) -> dict[str, Sequence[
     one value per feature, unpacked into float arrays with NaN for no row); the catalog
     views from the catalog snapshot when ``serving_catalog_features`` is on.
     """
-    features: dict[str, Sequence[Any]] = {}
     catalog = rt.settings.serving_catalog_features
     without = (*CATALOG_VIEWS, *PACKED) if catalog else tuple(PACKED)
     refs = rt.store.service_features(RANKER_SERVICE, without=without, join_key="item_id")
-    vectors = {f"{p.name}__{p.feature}": p for p in PACKED.values()}
-    columns = rt.store.read_cached([*refs, *(c.replace("__", ":", 1) for c in vectors)],
-                                   "item_id", ids)
-    for column, packed in vectors.items():
-        features.update(packed.unpack(columns.pop(column)))
-    features.update(columns)
+    packed = [f"{p.name}:{p.feature}" for p in PACKED.values()]
+    features = rt.store.read_cached([*refs, *packed], "item_id", ids)
     if catalog:
         features.update(rt.catalog.catalog.item_features(ids))
     return features

@@ -30,13 +30,18 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+from feast.types import Float32, Float64, Int32, Int64
+
+from features.packed import PACKED, PackedView
 from features.store import OnlineFeatureReader
 from serving.catalog import CatalogRefresher
-from serving.feature_cache import NearCache
+from serving.feature_cache import NearCache, NumericNearCache
 from serving.feed import EventFeed
 from serving.impressions import ImpressionLog
 from serving.metrics import ServingMetrics
@@ -73,7 +78,7 @@ class FeatureAccess:
         self._lock = threading.Lock()
         self._open_until = 0.0
         self._services: dict[tuple[str, tuple[str, ...], str | None], list[str]] = {}
-        self._caches: dict[tuple[str, ...], list[tuple[list[str], NearCache]]] = {}
+        self._caches: dict[tuple[str, ...], list[_Cached]] = {}
         self.last_error: str | None = None
 
     def available(self) -> bool:
@@ -132,41 +137,54 @@ class FeatureAccess:
         return refs
 
     def read_cached(self, features: Sequence[str], join_key: str,
-                    keys: Sequence[Any]) -> dict[str, list[Any]]:
+                    keys: Sequence[Any]) -> dict[str, Sequence[Any]]:
         """``read(features, {join_key: keys}, full_feature_names=True)`` (feature columns
         only) through near caches: values of stream-fed views are reused for
         ``serving_item_features_max_age_ms``, of batch-computed views (which change when a
-        Spark job materializes) for ``serving_batch_features_max_age_s``."""
+        Spark job materializes) for ``serving_batch_features_max_age_s``.
+
+        A packed vector (:mod:`features.packed`) comes back as the columns of the view it
+        packs. Where every feature of a cache is a number (or a packed vector), its
+        columns are float64 arrays with NaN for no value (:class:`NumericNearCache`).
+        """
         caches = self._caches.get(tuple(features))
         if caches is None:
             caches = self._caches[tuple(features)] = self._near_caches(features)
-        columns: dict[str, list[Any]] = {}
+        columns: dict[str, Sequence[Any]] = {}
         read = 0
-        for refs, cache in caches:
-            misses = cache.misses
-            columns.update(cache.read(keys, lambda missing, refs=refs: self.read(
+        for cached in caches:
+            misses = cached.cache.misses
+            columns.update(cached.read(keys, lambda missing, refs=cached.refs: self.read(
                 refs, {join_key: missing}, full_feature_names=True)))
-            read = max(read, cache.misses - misses)
+            read = max(read, cached.cache.misses - misses)
         if self.metrics is not None:
             self.metrics.item_features.labels(source="store").inc(read)
             self.metrics.item_features.labels(source="cache").inc(len(keys) - read)
         return columns
 
-    def _near_caches(self, features: Sequence[str]) -> list[tuple[list[str], NearCache]]:
+    def _near_caches(self, features: Sequence[str]) -> list[_Cached]:
         """One cache for the stream-fed views among ``features``, one for the others."""
         stream: list[str] = []
         batch: list[str] = []
+        widths: dict[str, int] = {}  # numeric references → values each holds
         try:
             store = self.reader().store
             for ref in features:
-                view = store.get_feature_view(ref.partition(":")[0], allow_registry_cache=True)
+                name, _, feature = ref.partition(":")
+                view = store.get_feature_view(name, allow_registry_cache=True)
                 (stream if view.stream_source is not None else batch).append(ref)
+                packed = _PACKED_TWINS.get(name)
+                if packed is not None and feature == packed.feature:
+                    widths[ref] = len(packed.columns)
+                elif any(f.name == feature and f.dtype in _NUMBERS for f in view.features):
+                    widths[ref] = 1
         except Exception as exc:  # no registry yet
             self.trip(exc)
             raise StoreUnavailable(str(exc)) from exc
         settings = self.settings
         return [
-            (refs, NearCache([ref.replace(":", "__", 1) for ref in refs], max_age_s=age))
+            _Cached.of(refs, max_age_s=age, numeric=all(ref in widths for ref in refs),
+                       width=sum(widths.get(ref, 0) for ref in refs))
             for refs, age in ((stream, settings.serving_item_features_max_age_ms / 1000),
                               (batch, settings.serving_batch_features_max_age_s))
             if refs
@@ -195,6 +213,64 @@ class FeatureAccess:
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
+
+
+_NUMBERS = (Int32, Int64, Float32, Float64)
+_PACKED_TWINS = {packed.name: packed for packed in PACKED.values()}
+
+
+@dataclass
+class _Cached:
+    """Feature references read together through one near cache, and the columns a read of
+    them gives (full feature names; packed vectors as the columns they pack)."""
+
+    refs: list[str]
+    cache: NearCache | NumericNearCache
+    packed: dict[str, PackedView] = field(default_factory=dict)
+    """Full name of each packed vector among ``refs`` → its view."""
+
+    @classmethod
+    def of(cls, refs: list[str], *, max_age_s: float, numeric: bool, width: int) -> _Cached:
+        names = [ref.replace(":", "__", 1) for ref in refs]
+        packed = {name: _PACKED_TWINS[name.partition("__")[0]] for name in names
+                  if name.partition("__")[0] in _PACKED_TWINS}
+        cache = (NumericNearCache(width, max_age_s=max_age_s) if numeric
+                 else NearCache(names, max_age_s=max_age_s))
+        return cls(refs, cache, packed)
+
+    @property
+    def columns(self) -> list[str]:
+        """What :meth:`read` returns, in order."""
+        return [column for ref in self.refs
+                for column in self._columns_of(ref.replace(":", "__", 1))]
+
+    def _columns_of(self, name: str) -> list[str]:
+        packed = self.packed.get(name)
+        return packed.columns if packed is not None else [name]
+
+    def read(self, keys: Sequence[Any], fetch: Callable[[list[Any]], Mapping[str, list[Any]]]
+             ) -> dict[str, Sequence[Any]]:
+        """The columns of ``keys`` through the cache; ``fetch`` reads ``refs`` from the
+        store for the keys it lacks."""
+        cache = self.cache
+        if isinstance(cache, NumericNearCache):
+            matrix = cache.read(keys, lambda missing: self._rows(fetch(missing)))
+            return dict(zip(self.columns, np.ascontiguousarray(matrix.T), strict=True))
+        columns: dict[str, Sequence[Any]] = dict(cache.read(keys, fetch))
+        for name, packed in self.packed.items():
+            columns.update(packed.unpack(columns.pop(name)))
+        return columns
+
+    def _rows(self, read: Mapping[str, list[Any]]) -> np.ndarray:
+        """The values of a store read as a float matrix, one row per entity."""
+        parts = []
+        for ref in self.refs:
+            name = ref.replace(":", "__", 1)
+            packed = self.packed.get(name)
+            values = read[name]
+            parts.append(packed.rows(values) if packed is not None else np.array(
+                [np.nan if v is None else v for v in values], dtype=np.float64)[:, None])
+        return np.hstack(parts)
 
 
 class NeighborAccess:

@@ -7,7 +7,9 @@ views from the catalog snapshot; each shortcut is held here to the straightforwa
 from __future__ import annotations
 
 import math
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from api_world import populate
 
 from features.packed import ITEM_VECTOR
 from features.store import RANKER_SERVICE, OnlineFeatureReader, OnlineFeatureWriter
-from serving.feature_cache import NearCache
+from serving.feature_cache import NearCache, NumericNearCache
 from serving.metrics import ServingMetrics
 from serving.recommend import read_features, read_user
 from serving.runtime import ServingRuntime
@@ -82,9 +84,11 @@ def test_a_newer_row_replaces_the_packed_twin_too(tmp_path: Path) -> None:
         "item_realtime__views_24h"].tolist() == [row["views_24h"]]
 
 
-def test_request_features_equal_a_full_read_of_the_service(tmp_path: Path) -> None:
+@pytest.mark.parametrize("catalog", [True, False], ids=["catalog", "store-only"])
+def test_request_features_equal_a_full_read_of_the_service(tmp_path: Path,
+                                                            catalog: bool) -> None:
     settings = Settings(home=tmp_path / "home", kafka_bootstrap=f"127.0.0.1:{free_port()}",
-                        serving_catalog_refresh_s=0.2,
+                        serving_catalog_refresh_s=0.2, serving_catalog_features=catalog,
                         serving_item_features_max_age_ms=60_000)
     world = populate(settings, n_users=40, n_items=80, n_events=600)
     runtime = ServingRuntime(settings, ServingMetrics())
@@ -119,29 +123,74 @@ def _counting_fetch(calls: list[list[str]]) -> Any:
     return fetch
 
 
-def test_the_near_cache_reads_again_once_values_are_older_than_the_max_age() -> None:
+Read = Callable[[list[str], Callable[[list[str]], dict[str, list[Any]]]], dict[str, list[Any]]]
+
+
+def _cache(kind: str, **options: Any) -> Read:
+    """A near cache of one column ``n`` as ``NearCache.read`` answers, whichever ``kind``."""
+    if kind == "objects":
+        return NearCache(["n"], **options).read
+    numeric = NumericNearCache(1, **options)
+
+    def read(keys: list[str], fetch: Callable[[list[str]], dict[str, list[Any]]]
+             ) -> dict[str, list[Any]]:
+        rows = numeric.read(keys, lambda missing: np.array(fetch(missing)["n"], float)[:, None])
+        return {"n": rows[:, 0].tolist()}
+
+    return read
+
+
+@pytest.mark.parametrize("kind", ["objects", "numbers"])
+def test_the_near_cache_reads_again_once_values_are_older_than_the_max_age(kind: str) -> None:
     calls: list[list[str]] = []
-    cache = NearCache(["n"], max_age_s=0.05)
+    read = _cache(kind, max_age_s=0.05)
     fetch = _counting_fetch(calls)
-    assert cache.read(["a", "b", "a"], fetch) == {"n": [1, 1, 1]}
-    assert cache.read(["b", "c"], fetch) == {"n": [1, 2]}
+    assert read(["a", "b", "a"], fetch) == {"n": [1, 1, 1]}
+    assert read(["b", "c"], fetch) == {"n": [1, 2]}
     time.sleep(0.06)
-    assert cache.read(["a", "c"], fetch) == {"n": [3, 3]}
+    assert read(["a", "c"], fetch) == {"n": [3, 3]}
     assert calls == [["a", "b"], ["c"], ["a", "c"]]
-    assert cache.read([], fetch) == {"n": []}
+    assert read([], fetch) == {"n": []}
 
 
-def test_a_failed_read_caches_nothing_and_a_full_cache_starts_over() -> None:
-    cache = NearCache(["n"], max_age_s=60, capacity=3)
+@pytest.mark.parametrize("kind", ["objects", "numbers"])
+def test_a_failed_read_caches_nothing_and_a_full_cache_starts_over(kind: str) -> None:
+    read = _cache(kind, max_age_s=60, capacity=3)
 
     def broken(keys: list[str]) -> dict[str, list[Any]]:
         raise ConnectionError("store down")
 
     with pytest.raises(ConnectionError):
-        cache.read(["a"], broken)
+        read(["a"], broken)
     calls: list[list[str]] = []
     fetch = _counting_fetch(calls)
-    cache.read(["a", "b"], fetch)
-    cache.read(["c", "d"], fetch)  # 4 > 3: forgets a and b
-    cache.read(["a", "d"], fetch)
+    read(["a", "b"], fetch)
+    read(["c", "d"], fetch)  # 4 > 3: forgets a and b
+    read(["a", "d"], fetch)
     assert calls == [["a", "b"], ["c", "d"], ["a"]]
+
+
+def test_the_numeric_cache_gives_each_key_its_own_row_under_concurrent_reads() -> None:
+    cache = NumericNearCache(2, max_age_s=0.001, capacity=50)  # expiring and starting over
+
+    def fetch(keys: list[str]) -> np.ndarray:
+        time.sleep(0.0005)  # a store read: other threads run meanwhile
+        return np.array([[int(k), -int(k)] for k in keys], dtype=float)
+
+    wrong: list[tuple[str, list[float]]] = []
+
+    def reader(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(200):
+            keys = [str(k) for k in rng.integers(0, 80, size=30)]
+            rows = cache.read(keys, fetch)
+            wrong.extend((k, r) for k, r in zip(keys, rows.tolist(), strict=True)
+                         if r != [int(k), -int(k)])
+
+    threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not wrong
+    assert cache.hits and cache.misses
