@@ -18,7 +18,8 @@ Usage::
 
 Progress goes to stderr; the last stdout line is one JSON object: ``pipeline_cpu_ms`` (mean
 thread CPU per request), ``stages_cpu_ms`` (mean per stage), ``process_cpu_ms_per_request``,
-``item_features_hit_share`` and the run's parameters.
+``item_features_hit_share`` (candidates whose item features all came from the near caches)
+and the run's parameters.
 """
 
 from __future__ import annotations
@@ -79,8 +80,14 @@ def _paced(rt: ServingRuntime, users: list[str], n: int, rate: float,
 
 
 def _hits(rt: ServingRuntime) -> tuple[int, int]:
-    caches = [cache for pairs in rt.store._caches.values() for _, cache in pairs]
-    return sum(c.hits for c in caches), sum(c.misses for c in caches)
+    """Candidates whose item features came from the near caches, and from the store (the
+    ``streamrec_api_item_features_total`` counter)."""
+    def count(source: str) -> int:
+        value = rt.metrics.registry.get_sample_value("streamrec_api_item_features_total",
+                                                     {"source": source})
+        return int(value or 0)
+
+    return count("cache"), count("store")
 
 
 def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:

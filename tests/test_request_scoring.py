@@ -9,6 +9,7 @@ same rows scored inside a batch of several users, which takes the general path.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -75,14 +76,16 @@ def _requests() -> list[RankingBatch]:
     ]
 
 
-@pytest.fixture(scope="module")
-def rankers(tmp_path_factory: pytest.TempPathFactory) -> list[ContextRanker]:
-    """The fitted ranker (eager) and the same one loaded (TorchScript), as served."""
+@pytest.fixture(scope="module", params=["gelu", "relu"])
+def rankers(tmp_path_factory: pytest.TempPathFactory,
+            request: pytest.FixtureRequest) -> list[ContextRanker]:
+    """The fitted ranker (eager) and the same one loaded (TorchScript), as served, for
+    each activation."""
     train = _concat(*[_request(u, list(RNG.choice(ITEMS, 12, replace=False)),
                                recent=list(RNG.choice(ITEMS, 4, replace=False)))
                       for u in range(30)])
     labels = (RNG.random(len(train)) < 0.4).astype(float)
-    fitted = ContextRanker(CONFIG).fit(train, labels)
+    fitted = ContextRanker(replace(CONFIG, activation=request.param)).fit(train, labels)
     net = fitted.net
     assert net is not None
     # Two epochs leave some weights near their small initial values, where a wrong path
@@ -169,3 +172,24 @@ def test_a_requests_online_scores_equal_the_general_paths() -> None:
     general = model.score(_concat(*requests))
     fast = np.concatenate([model.score(r) for r in requests])
     np.testing.assert_allclose(fast, general, rtol=0, atol=1e-12)
+
+
+def test_an_unknown_activation_is_refused() -> None:
+    with pytest.raises(ValueError, match="activation"):
+        ContextRankerConfig(activation="tanh")
+
+
+def test_a_ranker_saved_before_the_activation_option_loads_as_the_gelu_it_was(
+    tmp_path: Path,
+) -> None:
+    train = _concat(*_requests())
+    ranker = ContextRanker(replace(CONFIG, activation="gelu")).fit(
+        train, np.arange(len(train)) % 2 == 0)
+    ranker.save(tmp_path)
+    meta_file = tmp_path / "context_ranker.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["config"]["activation"]  # as written before the option existed
+    meta_file.write_text(json.dumps(meta))
+    loaded = ContextRanker.load(tmp_path)
+    assert loaded.config.activation == "gelu"
+    np.testing.assert_allclose(loaded.score(train), ranker.score(train), rtol=0, atol=1e-5)
