@@ -173,8 +173,8 @@ class FeatureAccess:
                 name, _, feature = ref.partition(":")
                 view = store.get_feature_view(name, allow_registry_cache=True)
                 (stream if view.stream_source is not None else batch).append(ref)
-                packed = _PACKED_TWINS.get(name)
-                if packed is not None and feature == packed.feature:
+                packed = _PACKED_VECTORS.get(f"{name}__{feature}")
+                if packed is not None:
                     widths[ref] = len(packed.columns)
                 elif any(f.name == feature and f.dtype in _NUMBERS for f in view.features):
                     widths[ref] = 1
@@ -216,37 +216,31 @@ class FeatureAccess:
 
 
 _NUMBERS = (Int32, Int64, Float32, Float64)
-_PACKED_TWINS = {packed.name: packed for packed in PACKED.values()}
+_PACKED_VECTORS = {f"{packed.name}__{packed.feature}": packed for packed in PACKED.values()}
+"""Full name of each packed vector → the view it packs."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Cached:
     """Feature references read together through one near cache, and the columns a read of
     them gives (full feature names; packed vectors as the columns they pack)."""
 
     refs: list[str]
     cache: NearCache | NumericNearCache
+    columns: list[str]
+    """What :meth:`read` returns, in order."""
     packed: dict[str, PackedView] = field(default_factory=dict)
-    """Full name of each packed vector among ``refs`` → its view."""
+    """Full name of each packed vector among ``refs`` → the view it packs."""
 
     @classmethod
     def of(cls, refs: list[str], *, max_age_s: float, numeric: bool, width: int) -> _Cached:
         names = [ref.replace(":", "__", 1) for ref in refs]
-        packed = {name: _PACKED_TWINS[name.partition("__")[0]] for name in names
-                  if name.partition("__")[0] in _PACKED_TWINS}
+        packed = {name: _PACKED_VECTORS[name] for name in names if name in _PACKED_VECTORS}
+        columns = [column for name in names
+                   for column in (packed[name].columns if name in packed else [name])]
         cache = (NumericNearCache(width, max_age_s=max_age_s) if numeric
                  else NearCache(names, max_age_s=max_age_s))
-        return cls(refs, cache, packed)
-
-    @property
-    def columns(self) -> list[str]:
-        """What :meth:`read` returns, in order."""
-        return [column for ref in self.refs
-                for column in self._columns_of(ref.replace(":", "__", 1))]
-
-    def _columns_of(self, name: str) -> list[str]:
-        packed = self.packed.get(name)
-        return packed.columns if packed is not None else [name]
+        return cls(refs, cache, columns, packed)
 
     def read(self, keys: Sequence[Any], fetch: Callable[[list[Any]], Mapping[str, list[Any]]]
              ) -> dict[str, Sequence[Any]]:

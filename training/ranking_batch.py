@@ -302,7 +302,7 @@ def _stack(batch: RankingBatch, view: str, names: Sequence[str]) -> np.ndarray:
     """The features ``names`` of ``view`` as float64 columns (a new array)."""
     columns = [batch.features.get(f"{view}__{n}") for n in names]
     if all(isinstance(c, np.ndarray) for c in columns):
-        # Float columns (serving's packed views): stacked in one call, NaN stays NaN.
+        # Float columns (serving's near-cached item views): one call, NaN stays NaN.
         return np.array(columns, dtype=np.float64).T
     if all(isinstance(c, list) for c in columns):
         # One conversion for the whole family rather than one per column: the numpy
