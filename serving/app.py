@@ -28,10 +28,13 @@ from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
 from serving.auth import ApiKeyAuth, ApiKeys, scope_for, security_schemes
+from serving.batching import Batcher
 from serving.dashboard import install_dashboard
+from serving.deps import Recommender
 from serving.limits import BodySizeLimit
 from serving.metrics import RequestCounter, ServingMetrics
 from serving.publisher import ProducerFactory, Publisher, api_producer
+from serving.recommend import recommend_many
 from serving.routers import events, health, items, recommendations, users
 from serving.runtime import ServingRuntime
 from streamrec.contract import Event
@@ -89,9 +92,16 @@ def create_app(
         runtime = ServingRuntime(settings, app.state.metrics)
         runtime.start()
         app.state.runtime = runtime
+        recommender: Recommender = Batcher(
+            lambda queued: recommend_many(runtime, *zip(*queued, strict=True)),
+            threads=settings.serving_threads, max_batch=settings.serving_max_batch,
+            name="streamrec-recommend")
+        recommender.start()
+        app.state.recommender = recommender
         try:
             yield
         finally:
+            recommender.close()
             await run_in_threadpool(runtime.close)
             await run_in_threadpool(publisher.close)
 

@@ -30,12 +30,14 @@ import logging
 import threading
 import time
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import orjson
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
+from serving.foreground import Foreground
 from serving.metrics import ServingMetrics
 from serving.trending import ALL, RecentPurchases, TrendingCounts, event_weight
 from streamrec.settings import Settings
@@ -49,6 +51,9 @@ _TOP_N = 500
 
 _FETCH_MIN_BYTES = 1 << 20
 """Enough records (~3,000 events) that a busy topic is read in a few fetches a second."""
+
+_STEP = 100
+"""Records decoded and folded in one go (~1 ms): the unit of work that yields to requests."""
 
 
 def apply_record(raw: bytes, trending: TrendingCounts, purchases: RecentPurchases) -> bool:
@@ -95,6 +100,10 @@ class EventFeed:
         passed. A fetch costs the client about as much as decoding a hundred records, so
         at a thousand events a second answering each fetch at once (Kafka's default) cost
         ~7x the CPU of the batched reads; counts are still at most this much later.
+    foreground
+        Requests in flight: records are decoded and folded, and top lists re-ranked, in
+        steps that wait for a moment without one (:mod:`serving.foreground`), at most
+        ``settings.serving_background_defer_ms`` behind.
     """
 
     def __init__(
@@ -106,8 +115,11 @@ class EventFeed:
         *,
         refresh_s: float = 0.5,
         fetch_wait_ms: int = 200,
+        foreground: Foreground | None = None,
     ) -> None:
         self.settings = settings
+        self.foreground = foreground or Foreground()
+        self.defer_s = settings.serving_background_defer_ms / 1000
         self.trending = trending
         self.purchases = purchases
         self.metrics = metrics
@@ -165,7 +177,7 @@ class EventFeed:
             group_id=None,
             enable_auto_commit=False,
             client_id="streamrec-api-trending",
-            max_poll_records=5000,
+            max_poll_records=_STEP,
             fetch_min_bytes=_FETCH_MIN_BYTES,
             fetch_max_wait_ms=self.fetch_wait_ms,
             request_timeout_ms=20_000,
@@ -192,8 +204,14 @@ class EventFeed:
 
     def _consume(self, consumer: KafkaConsumer) -> None:
         last_refresh = 0.0
+        quiet = self.foreground.quiet
+        deadline: float | None = None  # set while records may be waiting in the client
         while not self._stop.is_set():
-            polled = consumer.poll(timeout_ms=200)
+            if deadline is None:
+                deadline = time.monotonic() + self.defer_s
+            quiet(deadline)
+            # Records are decoded as they are polled: a step at a time, between requests.
+            polled = consumer.poll(timeout_ms=200, max_records=_STEP)
             read = 0
             for records in polled.values():
                 for record in records:
@@ -204,8 +222,11 @@ class EventFeed:
                 self.metrics.trending_events.inc(read)
             now = time.monotonic()
             if now - last_refresh >= self.refresh_s or not read:
-                self.trending.refresh(_TOP_N)
+                # Decayed top lists are as good a moment later: off the requests' turns.
+                self.trending.refresh(_TOP_N, pause=partial(quiet, deadline))
                 last_refresh = now
+            if read < _STEP:  # drained: the next records start a new wait
+                deadline = None
             if not read and not self._live.is_set() and self._caught_up(consumer):
                 self._live.set()
                 log.info("trending feed live: %d events, %d items trending", self.events,

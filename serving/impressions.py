@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from datetime import datetime
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
+from serving.foreground import Foreground
 from serving.metrics import ServingMetrics
 from streaming.producer import kafka_producer
 from streamrec.contract import Context, Event
@@ -87,14 +89,20 @@ class ImpressionLog:
         Bootstrap servers, ``topic_impressions``, buffer size and Kafka timeouts.
     metrics
         ``streamrec_api_impressions_total`` by outcome.
+    foreground
+        Requests in flight: each record is handed to the producer in a moment without one
+        (:mod:`serving.foreground`), at most ``settings.serving_background_defer_ms`` after
+        the drain began.
     """
 
     DRAIN_S = 0.1
     LINGER_MS = 100
 
-    def __init__(self, settings: Settings, metrics: ServingMetrics) -> None:
+    def __init__(self, settings: Settings, metrics: ServingMetrics,
+                 foreground: Foreground | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.foreground = foreground or Foreground()
         self._buffer: deque[Shown] = deque()
         self._capacity = settings.serving_impression_queue
         self._sent = metrics.impressions.labels(outcome="sent")
@@ -140,7 +148,10 @@ class ImpressionLog:
         backoff = 0.5
         while True:
             stopping = self._stop.wait(self.DRAIN_S)
+            deadline = time.monotonic() + self.settings.serving_background_defer_ms / 1000
             while self._buffer:
+                if not stopping:
+                    self.foreground.quiet(deadline)
                 while producer is None:
                     try:
                         producer = self._connect()

@@ -13,6 +13,8 @@ double-registering series; ``GET /metrics`` renders it.
 ``streamrec_api_errors_total{stage}``               dependency errors caught (no 5xx)
 ``streamrec_api_requests_total{endpoint,status}``   answers by endpoint and status class
 ``streamrec_api_candidates{source}``                candidates per request, by source
+``streamrec_api_batch_size``                        requests answered together (queued while
+                                                    a thread was busy)
 ``streamrec_api_item_features_total{source}``       candidates' item features served from the
                                                     ``cache`` or read from the ``store``
 ``streamrec_api_impressions_total{outcome}``        impressions ``sent``, ``dropped`` (full
@@ -48,6 +50,7 @@ _LATENCY_BUCKETS = (
 )
 _AGE_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600, 86_400)
 _COUNT_BUCKETS = (0, 1, 5, 10, 20, 50, 100, 200, 500)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32)
 
 
 class ServingMetrics:
@@ -91,6 +94,12 @@ class ServingMetrics:
             "Candidates per recommendation, by source (after de-duplication).",
             ["source"],
             buckets=_COUNT_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "streamrec_api_batch_size",
+            "Recommendations computed together: those that queued while a thread was busy.",
+            buckets=_BATCH_BUCKETS,
             registry=registry,
         )
         self.item_features = Counter(

@@ -1,6 +1,6 @@
 """One recommendation, as a pipeline of plain steps the HTTP layer only calls.
 
-1. :func:`read_user` — the user views of the ``ranker_features`` service, recent items and
+1. :func:`read_users` — the user views of the ``ranker_features`` service, recent items and
    newest event time among them (one small online read, never cached);
 2. :func:`generate` — candidates from the catalog indexes, co-visitation, trending and new
    items (:mod:`serving.candidates`), minus purchased and (``exclude_seen``) recent items;
@@ -14,6 +14,10 @@
    ``serving_online_weight``;
 5. :func:`diversify` — at most ``ceil(k * serving_category_share)`` items per category;
 6. the answer, and its impression queued for Kafka.
+
+Requests that queued together go through the stages together (:func:`recommend_many`):
+the fixed costs of a store read and of a model call are then paid once per batch, exactly
+when the cores are short.
 
 Any dependency that fails is replaced, never propagated: the online store down → trending
 and new items ranked by popularity (``fallbacks: ["feature_store"]``); a model missing or
@@ -33,6 +37,7 @@ Examples
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -71,7 +76,7 @@ from serving.trending import ALL
 from training.ranking_batch import RankingBatch
 
 __all__ = ["Stopwatch", "UserState", "blend", "diversify", "generate", "read_features",
-           "read_user", "recommend", "score"]
+           "read_users", "recommend", "recommend_many", "score"]
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +84,15 @@ class Stopwatch:
     """Durations of consecutive stages: :meth:`lap` closes the stage that just ran.
 
     ``clock`` is wall time by default; ``time.thread_time`` makes the stages CPU time of
-    the calling thread (``bench/serve_cpu.py``).
+    the calling thread (``bench/serve_cpu.py``). ``batch`` is how many requests shared the
+    stages (:func:`recommend_many`).
     """
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.clock = clock
         self.start = self._last = clock()
         self.stages: dict[str, float] = {}
+        self.batch = 1
 
     def lap(self, stage: str) -> None:
         now = self.clock()
@@ -121,11 +128,14 @@ class UserState:
         return self.last_event_ts is not None
 
 
-def read_user(rt: ServingRuntime, user_id: str) -> UserState:
-    """The user's features in the ranker's service; raises ``StoreUnavailable``."""
+def read_users(rt: ServingRuntime, user_ids: Sequence[str]) -> list[UserState]:
+    """Each user's features in the ranker's service, in one read; raises
+    ``StoreUnavailable``."""
     refs = rt.store.service_features(RANKER_SERVICE, join_key="user_id")
-    row = rt.store.read(refs, {"user_id": [user_id]}, full_feature_names=True)
-    return UserState({name: values[0] for name, values in row.items() if "__" in name})
+    rows = rt.store.read(refs, {"user_id": list(user_ids)}, full_feature_names=True)
+    columns = [(name, values) for name, values in rows.items() if "__" in name]
+    return [UserState({name: values[i] for name, values in columns})
+            for i in range(len(user_ids))]
 
 
 def generate(
@@ -184,7 +194,7 @@ def requested(
 
 def read_features(rt: ServingRuntime, ids: Sequence[str]) -> dict[str, Sequence[Any]]:
     """The item views of the ``ranker_features`` service for the candidates ``ids`` (the
-    user's views are :func:`read_user`'s).
+    user's views are :func:`read_users`').
 
     The item views come from one batched online read through the near cache, stream views
     as their packed twins (``features.packed``: one stored vector per candidate instead of
@@ -233,27 +243,46 @@ def _score_with(model: LoadedModel | None, batch: RankingBatch, rt: ServingRunti
     return scores
 
 
-def score(
-    rt: ServingRuntime, batch: RankingBatch, priors: np.ndarray, watch: Stopwatch
-) -> Scored:
-    """Ranker and online model blended; one of them alone, or ``priors``, when missing."""
+def score(rt: ServingRuntime, pending: Sequence[_Pending], now_s: float) -> list[Scored]:
+    """Ranker and online model blended for each request with features; one of them alone,
+    or the candidates' priors, when missing."""
     models = rt.models.snapshot()
-    ranker = _score_with(models["ranker"], batch, rt, "ranker")
-    watch.lap("ranker")
-    online = _score_with(models["online"], batch, rt, "online")
-    watch.lap("online")
-    versions = {
-        kind: model.version if got is not None and model is not None else None
-        for kind, model, got in (("ranker", models["ranker"], ranker),
-                                 ("online", models["online"], online))
-    }
-    fallbacks = [name for name, got in (("ranker", ranker), ("online_model", online))
-                 if got is None]
-    if ranker is not None and online is not None:
-        scores = blend(ranker, online, rt.settings.serving_online_weight)
-    else:
-        scores = next((s for s in (ranker, online) if s is not None), priors)
-    return Scored(scores, versions, fallbacks)
+    batches: dict[int, RankingBatch] = {}
+    for i, p in enumerate(pending):
+        if p.features is not None:
+            context = p.request.context
+            batches[i] = RankingBatch.for_request(
+                p.request.user_id, [c.item_id for c in p.candidates], p.features, ts_s=now_s,
+                device=context.device.value if context is not None and context.device
+                else None,
+                country=context.country if context is not None else None,
+                user=p.user.features,
+            )
+    found: dict[str, dict[int, np.ndarray | None]] = {}
+    for kind, stage in (("ranker", "ranker"), ("online", "online")):
+        found[kind] = {i: _score_with(models[kind], b, rt, stage) for i, b in batches.items()}
+        _lap([pending[i] for i in batches], stage)
+    out = []
+    weight = rt.settings.serving_online_weight
+    for i, p in enumerate(pending):
+        priors = np.array([c.prior for c in p.candidates], dtype=np.float64)
+        if i not in batches:
+            out.append(Scored(priors, {"ranker": None, "online": None}, []))
+            continue
+        ranker, online = found["ranker"][i], found["online"][i]
+        versions = {
+            kind: model.version if got is not None and model is not None else None
+            for kind, model, got in (("ranker", models["ranker"], ranker),
+                                     ("online", models["online"], online))
+        }
+        fallbacks = [name for name, got in (("ranker", ranker), ("online_model", online))
+                     if got is None]
+        if ranker is not None and online is not None:
+            scores = blend(ranker, online, weight)
+        else:
+            scores = next((s for s in (ranker, online) if s is not None), priors)
+        out.append(Scored(scores, versions, fallbacks))
+    return out
 
 
 def diversify(
@@ -284,6 +313,27 @@ def diversify(
     return taken
 
 
+@dataclass
+class _Pending:
+    """One request on its way through :func:`recommend_many`."""
+
+    request: RecommendationRequest
+    watch: Stopwatch
+    fallbacks: list[str]
+    user: UserState = field(default_factory=UserState)
+    candidates: list[Candidate] = field(default_factory=list)
+    features: dict[str, Sequence[Any]] | None = None
+
+    @property
+    def store_up(self) -> bool:
+        return not self.fallbacks  # overload or a failed read: no (further) store reads
+
+
+def _lap(pending: Sequence[_Pending], stage: str) -> None:
+    for p in pending:
+        p.watch.lap(stage)
+
+
 def recommend(
     rt: ServingRuntime,
     request: RecommendationRequest,
@@ -291,72 +341,125 @@ def recommend(
     *,
     shed: bool = False,
 ) -> RecommendationResponse:
-    """Answer one request (blocking; the router runs it off the event loop).
+    """Answer one request: :func:`recommend_many` of one."""
+    return recommend_many(rt, [request], [watch or Stopwatch()], shed=shed)[0]
+
+
+def recommend_many(
+    rt: ServingRuntime,
+    requests: Sequence[RecommendationRequest],
+    watches: Sequence[Stopwatch],
+    *,
+    shed: bool = False,
+) -> list[RecommendationResponse]:
+    """Answer requests that arrived together, each as if alone (blocking; the router's
+    :class:`serving.batching.Batcher` runs it off the event loop).
+
+    The stages run for all of them at once: one store read for their users, one near-cache
+    read for the union of their candidates, and each model called on every request in
+    turn. Each request's stopwatch gets every stage's full duration, which is what it
+    waited; ``Stopwatch.batch`` says how many shared it.
 
     ``shed`` (or a wait for a thread beyond ``serving_queue_timeout_ms``) answers from the
     in-process fallback only: no store read, no model.
     """
-    watch = watch or Stopwatch()
-    watch.lap("queue")
-    metrics = rt.metrics
+    timeout_s = rt.settings.serving_queue_timeout_ms / 1000
     now_s = time.time()
-    fallbacks: list[str] = []
-    user_id = request.user_id
-    overloaded = shed or watch.stages["queue"] * 1000 > rt.settings.serving_queue_timeout_ms
-    store_up = not overloaded
-    user = UserState()
-    if overloaded:
-        fallbacks.append("overload")
-    else:
-        try:
-            user = read_user(rt, user_id)
-        except StoreUnavailable:
-            store_up = False
-            fallbacks.append("feature_store")
-            metrics.errors.labels(stage="user").inc()
-    watch.lap("user")
+    if not shed:
+        rt.metrics.batch_size.observe(len(requests))
+    pending = []
+    for request, watch in zip(requests, watches, strict=True):
+        watch.lap("queue")
+        watch.batch = len(requests)
+        overloaded = shed or watch.stages["queue"] > timeout_s
+        pending.append(_Pending(request, watch, ["overload"] if overloaded else []))
+    _users(rt, [p for p in pending if p.store_up])
+    _lap(pending, "user")
+    for p in pending:
+        _candidates(rt, p)
+    _lap(pending, "candidates")
+    featured = [p for p in pending if p.store_up and p.candidates]
+    if featured:
+        _features(rt, featured)
+        _lap(featured, "features")
+    scored = score(rt, pending, now_s)
+    answers = [_answer(rt, p, s, now_s) for p, s in zip(pending, scored, strict=True)]
+    _lap(pending, "respond")
+    observe = rt.metrics.stage_seconds.labels
+    for p in pending:
+        stages = p.watch.stages
+        stages["total"] = p.watch.total()
+        for stage, seconds in stages.items():
+            if stage in STAGES:
+                observe(stage=stage).observe(seconds)
+    return answers
 
-    exclude = rt.purchases.of(user_id)
-    if request.exclude_seen and user.recent:
+
+def _users(rt: ServingRuntime, pending: Sequence[_Pending]) -> None:
+    if not pending:
+        return
+    try:
+        users = read_users(rt, [p.request.user_id for p in pending])
+    except StoreUnavailable:
+        rt.metrics.errors.labels(stage="user").inc(len(pending))
+        for p in pending:
+            p.fallbacks.append("feature_store")
+        return
+    for p, user in zip(pending, users, strict=True):
+        p.user = user
+
+
+def _candidates(rt: ServingRuntime, p: _Pending) -> None:
+    user = p.user
+    exclude = rt.purchases.of(p.request.user_id)
+    if p.request.exclude_seen and user.recent:
         exclude = exclude | frozenset(user.recent)
-    candidates = generate(rt, request, user, exclude)
-    if not overloaded:  # the histogram describes the full pipeline's candidates
-        for source, count in source_counts(candidates).items():
-            metrics.candidates.labels(source=source).observe(count)
-    watch.lap("candidates")
+    p.candidates = generate(rt, p.request, user, exclude)
+    if "overload" not in p.fallbacks:  # the histogram describes the full pipeline's
+        for source, count in source_counts(p.candidates).items():
+            rt.metrics.candidates.labels(source=source).observe(count)
 
-    ids = [c.item_id for c in candidates]
-    priors = np.array([c.prior for c in candidates], dtype=np.float64)
+
+def _features(rt: ServingRuntime, pending: Sequence[_Pending]) -> None:
+    """:func:`read_features` once for the union of the requests' candidates."""
+    lists = [[c.item_id for c in p.candidates] for p in pending]
+    union = lists[0] if len(lists) == 1 else list(dict.fromkeys(itertools.chain(*lists)))
+    try:
+        columns = read_features(rt, union)
+    except StoreUnavailable:
+        rt.metrics.errors.labels(stage="features").inc(len(pending))
+        for p in pending:
+            p.fallbacks.append("feature_store")
+        return
+    if len(lists) == 1:
+        pending[0].features = columns
+        return
+    where = {item: i for i, item in enumerate(union)}
+    for p, ids in zip(pending, lists, strict=True):
+        rows = [where[item] for item in ids]
+        p.features = {name: _rows(values, rows) for name, values in columns.items()}
+
+
+def _rows(values: Sequence[Any], rows: list[int]) -> Sequence[Any]:
+    if isinstance(values, np.ndarray):
+        return values[rows]
+    return [values[i] for i in rows]
+
+
+def _answer(rt: ServingRuntime, p: _Pending, scored: Scored, now_s: float
+            ) -> RecommendationResponse:
+    request, user, candidates = p.request, p.user, p.candidates
     catalog = rt.catalog.catalog
+    ids = [c.item_id for c in candidates]
     categories: list[str | None]
-    scored: Scored
-    features = None
-    if store_up and ids:
-        try:
-            features = read_features(rt, ids)
-        except StoreUnavailable:
-            store_up = False
-            fallbacks.append("feature_store")
-            metrics.errors.labels(stage="features").inc()
-        watch.lap("features")
-    if features is not None:
-        context = request.context
-        batch = RankingBatch.for_request(
-            user_id, ids, features, ts_s=now_s,
-            device=context.device.value if context is not None and context.device else None,
-            country=context.country if context is not None else None,
-            user=user.features,
-        )
-        scored = score(rt, batch, priors, watch)
+    if p.features is not None:
         categories = [c if c is not None else catalog.category(i) for i, c in
-                      zip(ids, features["item_profile__category"], strict=True)]
+                      zip(ids, p.features["item_profile__category"], strict=True)]
     else:
-        scored = Scored(priors, {"ranker": None, "online": None}, [])
         categories = [catalog.category(i) for i in ids]
-    fallbacks.extend(scored.fallbacks)
+    fallbacks = p.fallbacks + scored.fallbacks
     if not candidates:
         fallbacks.append("candidates")
-
     order = np.argsort(-scored.scores, kind="stable").tolist()
     chosen = diversify(order, categories, k=request.k,
                        share=rt.settings.serving_category_share)
@@ -367,24 +470,19 @@ def recommend(
         for i in chosen
     ]
     request_id = uuid.uuid4().hex
+    metrics = rt.metrics
     feature_age = None if user.last_event_ts is None else max(0.0, now_s - user.last_event_ts)
     if feature_age is not None:
         metrics.feature_age.observe(feature_age)
     for reason in fallbacks:
         metrics.fallbacks.labels(reason=reason).inc()
     if items:
-        rt.impressions.log(Shown(user_id, tuple(item.item_id for item in items), request_id,
-                                 request.context, datetime.fromtimestamp(now_s, UTC)))
-    watch.lap("respond")
-    total = watch.total()
-    watch.stages["total"] = total
-    observe = metrics.stage_seconds.labels
-    for stage, seconds in watch.stages.items():
-        if stage in STAGES:
-            observe(stage=stage).observe(seconds)
+        rt.impressions.log(Shown(request.user_id, tuple(item.item_id for item in items),
+                                 request_id, request.context,
+                                 datetime.fromtimestamp(now_s, UTC)))
     return RecommendationResponse(
         request_id=request_id,
-        user_id=user_id,
+        user_id=request.user_id,
         items=items,
         model_versions=ModelVersions(**scored.versions),
         feature_age_s=None if feature_age is None else round(feature_age, 3),

@@ -31,7 +31,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +42,7 @@ from features.store import OnlineFeatureReader
 from serving.catalog import CatalogRefresher
 from serving.feature_cache import NearCache, NumericNearCache
 from serving.feed import EventFeed
+from serving.foreground import Foreground
 from serving.impressions import ImpressionLog
 from serving.metrics import ServingMetrics
 from serving.models import KINDS, ModelWatcher, ServedModels
@@ -360,9 +360,12 @@ class Admission:
 class ServingRuntime:
     """The long-lived parts of the recommendation service.
 
-    Recommendations run on :attr:`executor`, ``serving_threads`` threads: the pipeline is
-    CPU-bound under the GIL, so requests beyond that wait their turn (first come, first
-    served) rather than time-slicing each other into uniformly slow answers.
+    Recommendations run on ``serving_threads`` threads of the app's
+    :class:`serving.batching.Batcher`: the pipeline is CPU-bound under the GIL, so requests
+    beyond that wait their turn, and those that waited together are answered together
+    (``serving_max_batch``), rather than time-slicing each other into uniformly slow
+    answers. :attr:`admission` sheds what would wait too long; :attr:`foreground` lets
+    background threads run between requests.
 
     Parameters
     ----------
@@ -378,14 +381,14 @@ class ServingRuntime:
         self.store = FeatureAccess(settings, metrics)
         self.neighbors = NeighborAccess(settings)
         self.catalog = CatalogRefresher(settings, metrics)
+        self.foreground = Foreground()
         self.trending = TrendingCounts(settings.serving_trending_half_life_s)
         self.purchases = RecentPurchases()
-        self.feed = EventFeed(settings, self.trending, self.purchases, metrics)
+        self.feed = EventFeed(settings, self.trending, self.purchases, metrics,
+                              foreground=self.foreground)
         self.models = ServedModels()
         self.watcher = ModelWatcher(settings, self.models, metrics)
-        self.impressions = ImpressionLog(settings, metrics)
-        self.executor = ThreadPoolExecutor(settings.serving_threads,
-                                           thread_name_prefix="streamrec-recommend")
+        self.impressions = ImpressionLog(settings, metrics, self.foreground)
         self.admission = Admission(settings.serving_threads,
                                    settings.serving_queue_timeout_ms / 1000)
 
@@ -398,7 +401,6 @@ class ServingRuntime:
                          daemon=True).start()
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
         for part in (self.impressions, self.watcher, self.feed, self.catalog):
             part.close()
         self.store.close()

@@ -156,8 +156,9 @@ class TrendingCounts:
                     counts[item] = value
         self._dirty.update(self._counts)
 
-    def refresh(self, n: int) -> None:
-        """Recompute the top ``n`` of every scope that changed since the last refresh.
+    def refresh(self, n: int, pause: Callable[[], object] | None = None) -> None:
+        """Recompute the top ``n`` of every scope that changed since the last refresh,
+        calling ``pause`` before each (the feed yields to requests there).
 
         Scores are expressed as decayed counts *as of the newest event seen*, so they read
         as "interactions, recently".
@@ -167,6 +168,8 @@ class TrendingCounts:
         scale = 2.0 ** (-(self._newest_s - self._t0) / self.half_life_s)
         tops = dict(self._tops)
         for scope in self._dirty:
+            if pause is not None:
+                pause()
             counts = self._counts.get(scope, {})
             items = list(counts)
             values = np.fromiter(counts.values(), dtype=np.float64, count=len(items))

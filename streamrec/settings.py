@@ -244,12 +244,28 @@ class Settings(BaseSettings):
         "bound under the GIL: more threads only time-slice it (every request slower), so "
         "requests queue instead; raise it when the online store is remote (Redis).",
     )
+    serving_max_batch: int = Field(
+        8,
+        ge=1,
+        description="Recommendations that queued while a thread was busy are computed "
+        "together, up to this many: one store read for their users, one for their "
+        "candidates, the models called back to back. An idle API answers each alone; 1 "
+        "turns batching off.",
+    )
     serving_gil_switch_ms: float = Field(
         1.0,
         gt=0,
         description="How long one thread of an API process may hold the GIL while others wait "
         "(sys.setswitchinterval; Python's default is 5). The trending feed folds events in "
         "batches: a shorter turn keeps a request from waiting on a batch.",
+    )
+    serving_background_defer_ms: float = Field(
+        250.0,
+        ge=0,
+        description="Background work of an API process (the trending feed, the impression "
+        "log) waits up to this long for a moment with no request in flight before it runs "
+        "anyway: it shares the interpreter lock with requests, and running in their gaps "
+        "keeps it from stretching them. Trending counts and impressions are that much later.",
     )
     serving_queue_timeout_ms: float = Field(
         200.0,

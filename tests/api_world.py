@@ -17,18 +17,23 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import uvicorn
 
 from features.definitions import TIMESTAMP_FIELD
 from features.realtime import RealtimeFeatureEngine
-from features.store import OnlineFeatureWriter, apply_repo
+from features.store import RANKER_SERVICE, OnlineFeatureReader, OnlineFeatureWriter, apply_repo
 from serving.app import create_app
 from streaming.broker import free_port
 from streaming.simulator import Simulator, SimulatorConfig
 from streamrec.contract import Event, Item
 from streamrec.settings import Settings
+from training.context_ranker import ContextRanker, ContextRankerConfig
+from training.online_model import OnlineModel
+from training.ranking_batch import RankingBatch
+from training.registry import ModelRegistry
 
 GRAPH_DIM, TEXT_DIM = 64, 384
 
@@ -83,6 +88,48 @@ def write_items(settings: Settings, items: Sequence[Item], *, seed: int = 0,
         writer.write("item_embeddings", vectors)
         writer.append_offline("item_profile", profiles, part=part)
         writer.append_offline("item_embeddings", vectors, part=part)
+
+
+def examples(settings: Settings, world: World, seed: int) -> list[tuple[RankingBatch, list[bool]]]:
+    """One request per user: their recent items (clicked) and random items (not)."""
+    rng = np.random.default_rng(seed)
+    reader = OnlineFeatureReader(settings)
+    items = [item.item_id for item in world.items]
+    out = []
+    for user in world.users[:40]:
+        positives = world.recent(user)[:5]
+        negatives = list(rng.choice(items, size=10, replace=False))
+        ids = positives + negatives
+        features = reader.read(RANKER_SERVICE, {"user_id": [user] * len(ids), "item_id": ids},
+                               full_feature_names=True)
+        out.append((RankingBatch.for_request(user, ids, features, ts_s=time.time()),
+                    [True] * len(positives) + [False] * len(negatives)))
+    reader.close()
+    return out
+
+
+def trained(kind: str, data: list[tuple[RankingBatch, list[bool]]], folder: Path,
+            seed: int) -> Path:
+    """An online model or a (small) ranker trained on ``data``, saved in ``folder``."""
+    if kind == "online":
+        model = OnlineModel()
+        for batch, labels in data:
+            model.learn(batch, labels)
+        model.save(folder)
+    else:
+        batch, labels = data[0]
+        ranker = ContextRanker(ContextRankerConfig(dim=8, epochs=2, seed=seed))
+        ranker.fit(batch, np.array(labels, dtype=float), valid=(batch, np.array(labels)))
+        ranker.save(folder)
+    return folder
+
+
+def register(registry: ModelRegistry, kind: str, folder: Path) -> str:
+    version = registry.register(kind, folder, metrics={"auc": 0.6},
+                                data_window={"start": "2026-01-01", "end": "2026-01-02"},
+                                features=[RANKER_SERVICE])
+    registry.promote(kind, version.version)
+    return version.version
 
 
 def populate(

@@ -21,7 +21,7 @@ from api_world import World, populate, write_items
 from starlette.testclient import TestClient
 
 from serving.app import create_app
-from serving.recommend import diversify, generate, read_user
+from serving.recommend import diversify, generate, read_users
 from serving.schemas import RecommendationRequest
 from streaming.broker import free_port
 from streamrec.contract import Item
@@ -248,7 +248,7 @@ def test_a_new_catalog_item_is_similar_and_recommendable_before_any_interaction(
     # test checks that a trained ranker puts such an item in front of a matching user.)
     runtime = client.app.state.runtime
     request = RecommendationRequest(user_id=user, k=100)
-    candidates = generate(runtime, request, read_user(runtime, user), frozenset())
+    candidates = generate(runtime, request, read_users(runtime, [user])[0], frozenset())
     new_ones = [c for c in candidates if c.item_id == "brand-new-1"]
     assert new_ones
     assert new_ones[0].reason == f"new in {category}" or new_ones[0].source == "similar"

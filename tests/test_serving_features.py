@@ -21,7 +21,7 @@ from features.packed import ITEM_VECTOR
 from features.store import RANKER_SERVICE, OnlineFeatureReader, OnlineFeatureWriter
 from serving.feature_cache import NearCache, NumericNearCache
 from serving.metrics import ServingMetrics
-from serving.recommend import read_features, read_user
+from serving.recommend import read_features, read_users
 from serving.runtime import ServingRuntime
 from streaming.broker import free_port
 from streamrec.settings import Settings
@@ -99,7 +99,7 @@ def test_request_features_equal_a_full_read_of_the_service(tmp_path: Path,
         ids = [*[item.item_id for item in world.items][:50], "never-seen"]
         for _ in range(2):  # the second answer comes from the near cache
             fast = {name: [value] * len(ids)
-                    for name, value in read_user(runtime, user).features.items()}
+                    for name, value in read_users(runtime, [user])[0].features.items()}
             fast.update(read_features(runtime, ids))
             full = OnlineFeatureReader(settings).read(
                 RANKER_SERVICE, {"user_id": [user] * len(ids), "item_id": ids},

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Response
 
-from serving.deps import RuntimeDep
+from serving.deps import RecommenderDep, RuntimeDep
 from serving.recommend import Stopwatch, recommend
 from serving.schemas import (
     RECOMMENDATION_REQUEST_EXAMPLE,
@@ -121,18 +120,21 @@ async def post_recommendations(
         }},
     })],
     runtime: RuntimeDep,
+    recommender: RecommenderDep,
 ) -> Response:
     watch = Stopwatch()
     admission = runtime.admission
     if admission.admit():
         admission.started()
+        runtime.foreground.enter()
         service_s = None
         try:
-            answer = await asyncio.get_running_loop().run_in_executor(
-                runtime.executor, recommend, runtime, request, watch)
+            answer = await recommender.submit((request, watch))
             if "overload" not in answer.fallbacks:
-                service_s = watch.stages["total"] - watch.stages["queue"]
+                # A batch's stages served all its requests: each costs its share.
+                service_s = (watch.stages["total"] - watch.stages["queue"]) / watch.batch
         finally:
+            runtime.foreground.leave()
             admission.finished(service_s)
     else:  # it would wait past the budget: the fallback answer, right here (sub-ms)
         answer = recommend(runtime, request, watch, shed=True)
