@@ -3,9 +3,10 @@
 ``bench/serve_latency.py`` measures what a client sees, with the API, a live writer, the
 broker and the load generator sharing the cores, so its stage timings include waiting for a
 core and vary from run to run near saturation. This benchmark measures the work itself:
-:func:`serving.recommend.recommend` called in-process at a steady ``--rate`` against the
-same shop (same world, models, fresh features from a live writer at ``--write-rate``, the
-trending feed reading the broker), each stage timed in CPU time of the calling thread
+:func:`serving.recommend.recommend_many` called in-process at a steady ``--rate``
+(``--batch`` requests at a time, 1 by default) against the same shop (same world, models,
+fresh features from a live writer at ``--write-rate``, the trending feed reading the
+broker), each stage timed in CPU time of the calling thread
 (``time.thread_time``), so a stage's figure does not include time another process held
 the core. It is the figure to compare before and after a change to the pipeline.
 
@@ -40,7 +41,7 @@ import psutil
 from serve_latency import broker, build_shop, live_writer, train_models
 
 from serving.metrics import ServingMetrics
-from serving.recommend import Stopwatch, recommend
+from serving.recommend import Stopwatch, recommend_many
 from serving.runtime import ServingRuntime
 from serving.schemas import RecommendationRequest
 from streaming.topics import ensure_topics, stream_topics
@@ -59,23 +60,26 @@ def _request(rng: random.Random, users: list[str]) -> RecommendationRequest:
     })
 
 
-def _paced(rt: ServingRuntime, users: list[str], n: int, rate: float,
+def _paced(rt: ServingRuntime, users: list[str], n: int, rate: float, batch: int,
            rng: random.Random) -> tuple[dict[str, float], int]:
-    """``n`` requests at ``rate`` per second; summed CPU seconds per stage, degraded count."""
+    """``n`` requests at ``rate`` per second, ``batch`` at a time (:func:`recommend_many`);
+    summed CPU seconds per stage, degraded count."""
     stages: dict[str, float] = defaultdict(float)
     degraded = 0
     started = time.perf_counter()
-    for i in range(n):
+    for i in range(0, n, batch):
         delay = started + i / rate - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-        watch = Stopwatch(clock=time.thread_time)
-        answer = recommend(rt, _request(rng, users), watch)
-        degraded += answer.degraded
-        for stage, seconds in watch.stages.items():
+        requests = [_request(rng, users) for _ in range(min(batch, n - i))]
+        watches = [Stopwatch(clock=time.thread_time) for _ in requests]
+        answers = recommend_many(rt, requests, watches)
+        degraded += sum(answer.degraded for answer in answers)
+        # Every watch holds the whole batch's stages: count them once.
+        for stage, seconds in watches[0].stages.items():
             stages[stage] += seconds
-        if (i + 1) % max(n // 5, 1) == 0:
-            log(f"{i + 1}/{n} requests")
+        if (i // batch + 1) % max(n // batch // 5, 1) == 0:
+            log(f"{i + len(requests)}/{n} requests")
     return stages, degraded
 
 
@@ -116,7 +120,7 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(0.2)
         rng = random.Random(args.seed)
         log(f"warm-up: {args.warmup} requests at {args.rate:g}/s …")
-        _paced(rt, users, args.warmup, args.rate, rng)
+        _paced(rt, users, args.warmup, args.rate, args.batch, rng)
         me = psutil.Process()
         cpu = me.cpu_times()
         time.sleep(args.idle_seconds)
@@ -126,7 +130,7 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
         hits_before, misses_before = _hits(rt)
         cpu, wall = me.cpu_times(), time.perf_counter()
         log(f"measuring {args.requests} requests at {args.rate:g}/s …")
-        stages, degraded = _paced(rt, users, args.requests, args.rate, rng)
+        stages, degraded = _paced(rt, users, args.requests, args.rate, args.batch, rng)
         after, elapsed = me.cpu_times(), time.perf_counter() - wall
         process_ms = ((after.user + after.system) - (cpu.user + cpu.system)) * 1000
         hits, misses = (a - b for a, b in zip(_hits(rt), (hits_before, misses_before),
@@ -148,6 +152,7 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
         "item_features_hit_share": round(hits / max(hits + misses, 1), 4),
         "degraded": degraded,
         "requests": n,
+        "batch": args.batch,
         "rate_per_s": args.rate,
         "write_rate_events_per_s": args.write_rate,
         "models": promoted,
@@ -162,6 +167,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0,
                         help="Requests per second (the near caches' hit share depends on it).")
     parser.add_argument("--warmup", type=int, default=2400)
+    parser.add_argument("--batch", type=int, default=1,
+                        help="Requests answered together (as the API batches those that "
+                        "queued while its thread was busy); figures stay per request.")
     parser.add_argument("--idle-seconds", type=float, default=5.0)
     parser.add_argument("--users", type=int, default=5000)
     parser.add_argument("--items", type=int, default=10_000)

@@ -463,6 +463,28 @@ async def _drain(ports: list[int], user: str, timeout_s: float = 180.0) -> None:
             client.close()
 
 
+def _batches(ports: list[int]) -> tuple[float, float, float]:
+    """Requests, batches and requests answered alone so far, over the replicas (their
+    ``streamrec_api_batch_size`` histograms)."""
+    total = [0.0, 0.0, 0.0]
+    wanted = {"streamrec_api_batch_size_sum": 0, "streamrec_api_batch_size_count": 1,
+              'streamrec_api_batch_size_bucket{le="1.0"}': 2}
+    for port in ports:
+        for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=60).text.splitlines():
+            name, _, value = line.rpartition(" ")
+            if name in wanted:
+                total[wanted[name]] += float(value)
+    return total[0], total[1], total[2]
+
+
+def _batching(before: tuple[float, float, float], after: tuple[float, float, float]
+              ) -> dict[str, float]:
+    """Mean requests per batch and the share of requests answered in a batch of several."""
+    requests, batches, alone = (a - b for a, b in zip(after, before, strict=True))
+    return {"requests_per_batch": round(requests / max(batches, 1), 2),
+            "batched_share": round(1 - alone / max(requests, 1), 4)}
+
+
 def _stage_line(result: dict[str, Any]) -> str:
     return ", ".join(f"{s} {result['stages'][s]['p99_ms']}" for s in STAGES)
 
@@ -595,6 +617,7 @@ def run(settings: Settings, args: argparse.Namespace, rates: list[float]) -> dic
         idle_cpu_ms_per_s = (server_cpu_s() - cpu_before) * 1000 / args.idle_seconds
         log(f"idle API: {idle_cpu_ms_per_s:.1f} ms CPU per second")
         for rate in rates:
+            batches_before = _batches(ports)
             replicas_before = replica_cpu_s()
             machine_before = machine_cpu_s(sum(replicas_before))
             events_before = written.value
@@ -615,6 +638,7 @@ def run(settings: Settings, args: argparse.Namespace, rates: list[float]) -> dic
                 (cpu_ms - idle_cpu_ms_per_s * args.seconds) / max(result["requests"], 1), 2)
             result["live_events_per_s"] = round(
                 (written.value - events_before) / args.seconds, 1)
+            result["batching"] = _batching(batches_before, _batches(ports))
             results[f"{rate:g}"] = result
             log(f"{rate:g} rps: server CPU {result['server_cpu_ms_per_request']} ms per request "
                 f"({result['server_cpu_ms_per_request_beyond_idle']} beyond idle); "
@@ -622,7 +646,7 @@ def run(settings: Settings, args: argparse.Namespace, rates: list[float]) -> dic
                 f"{result['p99_ms']} ms, errors {result['errors']}, degraded "
                 f"{result['degraded_share']:.1%} {result['fallbacks']}; full answers p99 "
                 f"{result['full']['p99_ms']} ms, server p99 per stage: {_stage_line(result)}; "
-                f"CPU ms/s {result['cpu_ms_per_s']}")
+                f"CPU ms/s {result['cpu_ms_per_s']}; batching {result['batching']}")
             uvloop.run(_drain(ports, users[0]))
         metrics = httpx.get(f"{base}/metrics", timeout=60).text
     finally:
