@@ -240,9 +240,10 @@ class Settings(BaseSettings):
     serving_threads: int = Field(
         1,
         ge=1,
-        description="Recommendations computed at once per API process. The work is CPU "
-        "bound under the GIL: more threads only time-slice it (every request slower), so "
-        "requests queue instead; raise it when the online store is remote (Redis).",
+        description="Threads computing recommendations per API process, each a batch at a "
+        "time (serving_max_batch). The work is CPU bound under the GIL: more threads only "
+        "time-slice it (every request slower), so requests queue instead; raise it when the "
+        "online store is remote (Redis).",
     )
     serving_max_batch: int = Field(
         8,
