@@ -25,6 +25,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 __all__ = ["Batcher"]
@@ -43,8 +44,9 @@ class Batcher(Generic[T, R]):
     Parameters
     ----------
     work
-        Items → one result per item, in order; blocking. Should it raise, every item of
-        the batch gets the exception.
+        Items → one result per item, in order; blocking. Should it raise on a batch, the
+        batch's items are worked on again one by one, so that one bad item fails only
+        itself (its caller gets the exception).
     threads
         Batches worked on at once.
     max_batch
@@ -101,28 +103,41 @@ class Batcher(Generic[T, R]):
             self._settle(batch)
 
     def _settle(self, batch: list[_Entry[T, R]]) -> None:
-        try:
-            results: Sequence[R] | None = self.work([item for item, _, _ in batch])
-            error: BaseException | None = None
-            if len(results) != len(batch):
-                raise RuntimeError(f"{len(results)} results for {len(batch)} items")
-        except Exception as exc:  # delivered to every waiter, the thread carries on
-            log.exception("a batch of %d failed", len(batch))
-            results, error = None, exc
-        loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[R], int]]] = {}
-        for i, (_, loop, future) in enumerate(batch):
-            loops.setdefault(loop, []).append((future, i))
-        for loop, futures in loops.items():
+        outcomes = self._outcomes([item for item, _, _ in batch])
+        loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[R], R | _Failure]]] = {}
+        for (_, loop, future), outcome in zip(batch, outcomes, strict=True):
+            loops.setdefault(loop, []).append((future, outcome))
+        for loop, settled in loops.items():
             # One wake-up of each event loop for the whole batch.
-            loop.call_soon_threadsafe(_deliver, futures, results, error)
+            loop.call_soon_threadsafe(_deliver, settled)
+
+    def _outcomes(self, items: list[T]) -> list[R | _Failure]:
+        try:
+            results = list(self.work(items))
+            if len(results) != len(items):
+                raise RuntimeError(f"{len(results)} results for {len(items)} items")
+        except Exception as exc:  # the thread carries on: the next batch is not to blame
+            if len(items) == 1:
+                log.exception("work on an item failed")
+                return [_Failure(exc)]
+            log.warning("a batch of %d failed (%s: %s); working on its items one by one",
+                        len(items), type(exc).__name__, exc)
+            return [outcome for item in items for outcome in self._outcomes([item])]
+        return results
 
 
-def _deliver(futures: list[tuple[asyncio.Future[R], int]], results: Sequence[R] | None,
-             error: BaseException | None) -> None:
-    for future, i in futures:
+@dataclass(frozen=True)
+class _Failure:
+    """The exception ``work`` raised on one item."""
+
+    error: Exception
+
+
+def _deliver(settled: list[tuple[asyncio.Future[R], R | _Failure]]) -> None:
+    for future, outcome in settled:
         if future.done():  # the caller went away (cancelled)
             continue
-        if results is None:
-            future.set_exception(error or RuntimeError("batch failed"))
+        if isinstance(outcome, _Failure):
+            future.set_exception(outcome.error)
         else:
-            future.set_result(results[i])
+            future.set_result(outcome)

@@ -65,13 +65,14 @@ def test_items_that_queue_while_the_thread_is_busy_are_worked_on_together() -> N
     assert batches == [[0], [1, 2, 3, 4], [5, 6]]
 
 
-def test_a_failing_batch_fails_each_of_its_items_and_the_next_batch_runs() -> None:
+def test_a_bad_item_fails_only_itself_and_the_next_batch_runs() -> None:
     batcher, release, batches = held_batcher(max_batch=2)
     results = asyncio.run(submit_while_held(batcher, release, 0, [1, -1, 2]))
     batcher.close()
-    assert batches == [[0], [1, -1], [2]]
-    assert results[0] == 0 and results[3] == 20
-    assert all(isinstance(r, ValueError) for r in results[1:3])
+    # The failing batch is worked on again item by item.
+    assert batches == [[0], [1, -1], [1], [-1], [2]]
+    assert results[:2] == [0, 10] and results[3] == 20
+    assert isinstance(results[2], ValueError)
 
 
 def test_a_closed_batcher_finishes_what_was_submitted_and_takes_nothing_more() -> None:
