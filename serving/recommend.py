@@ -252,16 +252,16 @@ def score(rt: ServingRuntime, pending: Sequence[_Pending], now_s: float) -> list
         if p.features is not None:
             context = p.request.context
             batches[i] = RankingBatch.for_request(
-                p.request.user_id, [c.item_id for c in p.candidates], p.features, ts_s=now_s,
+                p.request.user_id, p.ids, p.features, ts_s=now_s,
                 device=context.device.value if context is not None and context.device
                 else None,
                 country=context.country if context is not None else None,
                 user=p.user.features,
             )
     found: dict[str, dict[int, np.ndarray | None]] = {}
-    for kind, stage in (("ranker", "ranker"), ("online", "online")):
-        found[kind] = {i: _score_with(models[kind], b, rt, stage) for i, b in batches.items()}
-        _lap([pending[i] for i in batches], stage)
+    for kind in ("ranker", "online"):  # each model's stage is named after it
+        found[kind] = {i: _score_with(models[kind], b, rt, kind) for i, b in batches.items()}
+        _lap([pending[i] for i in batches], kind)
     out = []
     weight = rt.settings.serving_online_weight
     for i, p in enumerate(pending):
@@ -322,6 +322,8 @@ class _Pending:
     fallbacks: list[str]
     user: UserState = field(default_factory=UserState)
     candidates: list[Candidate] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    """The candidates' item ids."""
     features: dict[str, Sequence[Any]] | None = None
 
     @property
@@ -415,6 +417,7 @@ def _candidates(rt: ServingRuntime, p: _Pending) -> None:
     if p.request.exclude_seen and user.recent:
         exclude = exclude | frozenset(user.recent)
     p.candidates = generate(rt, p.request, user, exclude)
+    p.ids = [c.item_id for c in p.candidates]
     if "overload" not in p.fallbacks:  # the histogram describes the full pipeline's
         for source, count in source_counts(p.candidates).items():
             rt.metrics.candidates.labels(source=source).observe(count)
@@ -422,7 +425,7 @@ def _candidates(rt: ServingRuntime, p: _Pending) -> None:
 
 def _features(rt: ServingRuntime, pending: Sequence[_Pending]) -> None:
     """:func:`read_features` once for the union of the requests' candidates."""
-    lists = [[c.item_id for c in p.candidates] for p in pending]
+    lists = [p.ids for p in pending]
     union = lists[0] if len(lists) == 1 else list(dict.fromkeys(itertools.chain(*lists)))
     try:
         columns = read_features(rt, union)
@@ -448,9 +451,8 @@ def _rows(values: Sequence[Any], rows: list[int]) -> Sequence[Any]:
 
 def _answer(rt: ServingRuntime, p: _Pending, scored: Scored, now_s: float
             ) -> RecommendationResponse:
-    request, user, candidates = p.request, p.user, p.candidates
+    request, user, candidates, ids = p.request, p.user, p.candidates, p.ids
     catalog = rt.catalog.catalog
-    ids = [c.item_id for c in candidates]
     categories: list[str | None]
     if p.features is not None:
         categories = [c if c is not None else catalog.category(i) for i, c in
