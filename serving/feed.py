@@ -53,7 +53,13 @@ _FETCH_MIN_BYTES = 1 << 20
 """Enough records (~3,000 events) that a busy topic is read in a few fetches a second."""
 
 _STEP = 100
-"""Records decoded and folded in one go (~1 ms): the unit of work that yields to requests."""
+"""Records decoded and folded in one go (~1 ms) while requests are in flight: the unit of
+work that yields to them."""
+
+_MAX_POLL = 5000
+"""Records taken in one poll with no request in flight. Polls of 100 cost ~25% more CPU
+per record than polls of 5,000 (200k records: 2.0-2.1 s vs 1.5-1.8 s), which matters when
+the feed catches up on the lookback at start."""
 
 
 def apply_record(raw: bytes, trending: TrendingCounts, purchases: RecentPurchases) -> bool:
@@ -177,7 +183,7 @@ class EventFeed:
             group_id=None,
             enable_auto_commit=False,
             client_id="streamrec-api-trending",
-            max_poll_records=_STEP,
+            max_poll_records=_MAX_POLL,
             fetch_min_bytes=_FETCH_MIN_BYTES,
             fetch_max_wait_ms=self.fetch_wait_ms,
             request_timeout_ms=20_000,
@@ -210,8 +216,10 @@ class EventFeed:
             if deadline is None:
                 deadline = time.monotonic() + self.defer_s
             quiet(deadline)
-            # Records are decoded as they are polled: a step at a time, between requests.
-            polled = consumer.poll(timeout_ms=200, max_records=_STEP)
+            # Records are decoded as they are polled: a step at a time while requests are
+            # in flight, all that was fetched when none is.
+            step = _STEP if self.foreground.in_flight else _MAX_POLL
+            polled = consumer.poll(timeout_ms=200, max_records=step)
             read = 0
             for records in polled.values():
                 for record in records:
@@ -225,7 +233,7 @@ class EventFeed:
                 # Decayed top lists are as good a moment later: off the requests' turns.
                 self.trending.refresh(_TOP_N, pause=partial(quiet, deadline))
                 last_refresh = now
-            if read < _STEP:  # drained: the next records start a new wait
+            if read < step:  # drained: the next records start a new wait
                 deadline = None
             if not read and not self._live.is_set() and self._caught_up(consumer):
                 self._live.set()
